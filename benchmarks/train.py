@@ -102,7 +102,7 @@ def run(model_names: List[str], workdir: str, out: str, users: int = 2000, epoch
         train = preprocess.dataset(train_files, config.inputs, batch_size, shuffle=True, repeat=True, seed=seed)
         train = train.map(lambda x, y: (x, {F.SERVING_OUTPUT: y}))
         timer = _StepTimer(warmup)
-        model.fit(train, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=[timer], verbose=0)
+        task.fit(model, train, steps=steps_per_epoch * epochs, epochs=epochs, callbacks=[timer], verbose=0)
         examples_per_second = timer.timed_steps * batch_size / timer.seconds()
         scores = np.concatenate([
             keras.ops.convert_to_numpy(model(x, training=False)[F.SERVING_OUTPUT])

@@ -21,6 +21,9 @@ from models.config import InputConfig
 from xdctr import features as F
 
 
+DEFAULT_PHASE = "ctr"
+
+
 def dummy_inputs(input_config: InputConfig, batch: int = 1) -> dict:
     """All-padding model inputs of the right shapes, to build a model's weights."""
     length, num_domains, ld = input_config.history_length, input_config.num_domains, input_config.domain_history_length
@@ -48,6 +51,8 @@ class CTRModel(keras.Model):
       {SERVING_OUTPUT: (B,) float32 in (0, 1), ...}.
     """
 
+    phase = DEFAULT_PHASE
+
     def encode_context(self, inputs, training=False) -> dict:
         """Candidate-independent tensors of each row (user, histories); (B, ...) each."""
         raise NotImplementedError
@@ -59,6 +64,24 @@ class CTRModel(keras.Model):
     def auxiliary_losses(self, inputs, outputs, training=False) -> dict:
         """Named scalar losses added to the CTR loss during training (none by default)."""
         return {}
+
+    def training_phases(self) -> tuple:
+        """((name, share of the training steps), ...) in the order training runs them.
+
+        The Trainer (`components/trainer/task.py:fit`) calls `set_phase(name)` before each phase
+        and runs `fit` for its share of the steps; early stopping and validation apply to the last
+        phase. Most models have one phase; multi-stage schemes (e.g. RecGURU's Algorithm 1)
+        override this and read `self.phase` in `train_step`/`compute_loss`.
+        """
+        return ((DEFAULT_PHASE, 1.0),)
+
+    def set_phase(self, name: str) -> None:
+        """Switches to training phase `name`; the next `fit` traces a new train step."""
+        known = [phase for phase, _ in self.training_phases()]
+        if name not in known:
+            raise ValueError(f"unknown training phase `{name}` for {type(self).__name__}; known: {known}")
+        self.phase = name
+        self.train_function = None  # the step may depend on the phase: make `fit` rebuild it
 
     def call(self, inputs, training=False):
         context = self.encode_context(inputs, training=training)

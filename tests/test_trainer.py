@@ -85,3 +85,37 @@ def test_validation_holdout_is_disjoint_and_deterministic(examples):
     assert count(train) + count(validation) == count(everything)
     assert 0.1 < count(validation) / count(everything) < 0.3
     assert rows("validation") == validation
+
+
+def test_phase_steps_split_by_share_with_at_least_one_step_each():
+    assert task.phase_steps((("a", 0.3), ("b", 0.4), ("c", 0.3)), 100) == [30, 40, 30]
+    assert task.phase_steps((("a", 1.0), ("b", 0.0)), 10) == [10, 1]
+    with pytest.raises(ValueError, match="positive sum"):
+        task.phase_steps((("a", 0.0),), 10)
+
+
+def test_fit_runs_the_phases_in_order_with_their_steps():
+    class TwoPhases(models.base.CTRModel):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+            self.log = []
+
+        def training_phases(self):
+            return (("pretrain", 1.0), ("finetune", 3.0))
+
+        def call(self, inputs, training=False):
+            return {F.SERVING_OUTPUT: keras.ops.sigmoid(keras.ops.squeeze(self.dense(inputs), -1))}
+
+    class Steps(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.model.log.append(self.model.phase)
+
+    model = TwoPhases()
+    model.compile(optimizer="adam", loss={F.SERVING_OUTPUT: keras.losses.BinaryCrossentropy()})
+    data = tf.data.Dataset.from_tensors((np.ones((4, 3), np.float32), {F.SERVING_OUTPUT: np.ones(4, np.float32)})).repeat()
+    history = task.fit(model, data, steps=8, epochs=2, callbacks=[Steps()], verbose=0)
+    assert model.log == ["pretrain"] * 2 + ["finetune"] * 6
+    assert len(history.history["loss"]) == 2  # the last phase's two epochs
+    with pytest.raises(ValueError, match="unknown training phase `nope`"):
+        model.set_phase("nope")

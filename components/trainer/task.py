@@ -72,6 +72,41 @@ def distribution_strategy() -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
 
 
+def phase_steps(phases, steps: int) -> list:
+    """Splits `steps` over `phases` ((name, share), ...) by share; every phase gets at least 1."""
+    total = sum(share for _, share in phases)
+    if total <= 0 or any(share < 0 for _, share in phases):
+        raise ValueError(f"phase shares must be non-negative with a positive sum. Received: {phases}")
+    return [max(1, round(steps * share / total)) for _, share in phases]
+
+
+def fit(model, train_ds, *, steps: int, epochs: int = 1, validation_data=None, validation_steps: int = 1,
+        callbacks=(), final_callbacks=(), verbose=2):
+    """Runs the model's training phases in order; returns the last phase's `History`.
+
+    Phases before the last run their share of `steps` as one epoch, without validation; the last
+    phase runs its share over `epochs` epochs with validation and `final_callbacks` (early
+    stopping). A model with one phase trains exactly as `model.fit(steps_per_epoch=steps //
+    epochs)` would.
+    """
+    phases = model.training_phases()
+    budgets = phase_steps(phases, steps)
+    history = None
+    for index, ((name, _), budget) in enumerate(zip(phases, budgets)):
+        last = index == len(phases) - 1
+        model.set_phase(name)
+        if len(phases) > 1:
+            logging.info("%s: training phase %d/%d `%s`, %d steps", model.name, index + 1, len(phases), name, budget)
+        if last:
+            history = model.fit(train_ds, epochs=epochs, steps_per_epoch=max(1, budget // epochs),
+                                validation_data=validation_data,
+                                validation_steps=validation_steps if validation_data is not None else None,
+                                callbacks=list(callbacks) + list(final_callbacks), verbose=verbose)
+        else:
+            model.fit(train_ds, epochs=1, steps_per_epoch=budget, callbacks=list(callbacks), verbose=verbose)
+    return history
+
+
 def train_and_export(model_name: str, model_overrides: dict, contract: F.Contract, train_files, *,
                      serving_model_dir: str, log_dir: str, train_steps: int, validation_steps: int,
                      training: TrainingConfig = TrainingConfig()):
@@ -100,18 +135,13 @@ def train_and_export(model_name: str, model_overrides: dict, contract: F.Contrac
                 jit_compile=training.jit_compile,
             )
         callbacks = [keras.callbacks.TensorBoard(log_dir=log_dir)]
+        final_callbacks = []
         if training.early_stopping_patience:
-            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=training.early_stopping_patience,
-                                                           restore_best_weights=True))
-        model.fit(
-            train_ds.map(_with_label_dict),
-            epochs=training.epochs,
-            steps_per_epoch=max(1, train_steps // training.epochs),
-            validation_data=validation_ds.map(_with_label_dict),
-            validation_steps=max(1, validation_steps),
-            callbacks=callbacks,
-            verbose=2,
-        )
+            final_callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", restore_best_weights=True,
+                                                                 patience=training.early_stopping_patience))
+        fit(model, train_ds.map(_with_label_dict), steps=train_steps, epochs=training.epochs,
+            validation_data=validation_ds.map(_with_label_dict), validation_steps=max(1, validation_steps),
+            callbacks=callbacks, final_callbacks=final_callbacks, verbose=2)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     export.export(model, model_config.inputs, serving_model_dir)
