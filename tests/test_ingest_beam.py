@@ -252,6 +252,8 @@ def test_run_summary(ingested):
         "eval_cutoff_ts": 1300,
         "good_records": 7,
         "bad_records": 3,
+        "records_read": 11,  # 7 written + 3 dead letters + 1 duplicate: nothing unaccounted for
+        "files_read": 1,
     }
     assert bp.read_summary(out) == summary
     assert bp.read_contract(out) == CONTRACT
@@ -411,6 +413,16 @@ def test_check_bad_fraction():
     assert "max_bad_fraction=5.0%" in message
     with pytest.raises(bp.IngestError, match="no records were read"):
         bp.check_bad_fraction(summary(0, 0), max_bad_fraction=1.0)
+
+
+def test_check_complete_fails_when_records_go_missing():
+    complete = {**summary(85, 10, 5), "records_read": 100, "files_read": 2}
+    bp.check_complete(complete)
+    bp.check_summary(complete, max_bad_fraction=0.2)
+    with pytest.raises(bp.IngestError) as error:
+        bp.check_summary({**complete, "records_read": 130}, max_bad_fraction=1.0)
+    assert str(error.value).startswith("30 of 130 records read from 2 file(s) are missing from the output "
+                                       "(written 85, dead letters 10, duplicates 5)")
 
 
 def test_run_raises_on_one_bad_record_with_zero_tolerance(tmp_path):

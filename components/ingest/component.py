@@ -81,7 +81,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         examples.split_names = artifact_utils.encode_split_names(SPLITS)
         examples_utils.set_payload_format(examples, example_gen_pb2.PayloadFormat.FORMAT_TF_EXAMPLE)
         examples.set_string_custom_property("ingest_summary", json.dumps(summary, sort_keys=True))
-        beam_pipeline.check_bad_fraction(summary, config.max_bad_fraction)
+        beam_pipeline.check_summary(summary, config.max_bad_fraction)
 
 
 class ClickLogExampleGen(base_beam_component.BaseBeamComponent):
