@@ -155,19 +155,20 @@ class TransformerBlock(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="xdctr")
-class SASRecEncoder(keras.layers.Layer):
-    """SASRec sequence encoder: dropout, `num_layers` causal `TransformerBlock`s, final layer norm.
+class TransformerEncoder(keras.layers.Layer):
+    """Transformer encoder: dropout, `num_layers` `TransformerBlock`s, final layer norm.
 
-    Step i attends to steps j <= i that are real (causal mask AND padding mask). Histories are
+    With `causal`, step i attends to the real steps j <= i (SASRec; MAN eq. 3-4, SyNCRec's
+    experts); without, to every real step, earlier or later (RecGURU eq. 4). Histories are
     left-padded, so the last step is the most recent click. Positional embeddings are added by the
-    caller (MAN eq. 1-2 defines them outside the encoder). Padded steps of the output are zeros;
-    a fully padded sequence gives all zeros.
+    caller. Padded steps of the output are zeros; a fully padded sequence gives all zeros.
 
     Args:
       num_layers: number of blocks, positive.
       num_heads: attention heads per block; must divide dim.
       dropout: rate of every dropout, in [0, 1).
       kernel_initializer: initializer of every kernel.
+      causal: mask later steps out of every step's attention.
 
     Call args:
       inputs: (batch, seq_len, dim) item embeddings plus positions.
@@ -176,16 +177,20 @@ class SASRecEncoder(keras.layers.Layer):
       (batch, seq_len, dim).
     """
 
-    def __init__(self, num_layers=1, num_heads=1, dropout=0.0, kernel_initializer="glorot_uniform", **kwargs):
+    def __init__(self, num_layers=1, num_heads=1, dropout=0.0, kernel_initializer="glorot_uniform", causal=False,
+                 **kwargs):
         super().__init__(**kwargs)
         if num_layers <= 0:
             raise ValueError(f"`num_layers` must be positive. Received: num_layers={num_layers}")
+        if num_heads <= 0:
+            raise ValueError(f"`num_heads` must be positive. Received: num_heads={num_heads}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
         self.num_layers = num_layers
         self.num_heads = num_heads
         self.dropout = dropout
         self.kernel_initializer = kernel_initializer
+        self.causal = causal
         self.input_dropout = keras.layers.Dropout(dropout)
         self.blocks = [
             TransformerBlock(num_heads, dropout=dropout, kernel_initializer=kernel_initializer, name=f"block_{i}")
@@ -199,12 +204,12 @@ class SASRecEncoder(keras.layers.Layer):
         self.output_norm.build(input_shape)
 
     def call(self, inputs, mask, training=False):
-        seq_len = inputs.shape[1]
-        steps = ops.arange(seq_len)
-        causal = ops.expand_dims(steps, 1) >= ops.expand_dims(steps, 0)  # (seq_len, seq_len): key j <= query i
         mask = ops.cast(mask, "bool")
-        # (batch, seq_len, seq_len): causal AND the key is real.
-        attention_mask = ops.logical_and(ops.expand_dims(causal, 0), ops.expand_dims(mask, 1))
+        attention_mask = ops.expand_dims(mask, 1)  # (batch, 1, seq_len): the key is real
+        if self.causal:
+            steps = ops.arange(inputs.shape[1])
+            causal = ops.expand_dims(steps, 1) >= ops.expand_dims(steps, 0)  # (seq_len, seq_len): key j <= query i
+            attention_mask = ops.logical_and(ops.expand_dims(causal, 0), attention_mask)  # (batch, seq_len, seq_len)
         weights = ops.expand_dims(ops.cast(mask, inputs.dtype), -1)  # (batch, seq_len, 1)
         x = self.input_dropout(inputs, training=training) * weights
         for block in self.blocks:
@@ -217,5 +222,14 @@ class SASRecEncoder(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(num_layers=self.num_layers, num_heads=self.num_heads, dropout=self.dropout,
-                      kernel_initializer=self.kernel_initializer)
+                      kernel_initializer=self.kernel_initializer, causal=self.causal)
         return config
+
+
+@keras.saving.register_keras_serializable(package="xdctr")
+class SASRecEncoder(TransformerEncoder):
+    """The causal `TransformerEncoder` (SASRec): step i attends to the real steps j <= i."""
+
+    def __init__(self, num_layers=1, num_heads=1, dropout=0.0, kernel_initializer="glorot_uniform", **kwargs):
+        kwargs.pop("causal", None)
+        super().__init__(num_layers, num_heads, dropout, kernel_initializer, causal=True, **kwargs)
