@@ -47,6 +47,14 @@ def _peak_rss(process: psutil.Process, stop: threading.Event, result: list) -> N
     result.append(peak)
 
 
+class IngestionFailed(Exception):
+    """The ingestion child failed: `reason` is its last stderr line (e.g. the IngestError)."""
+
+    def __init__(self, reason: str, seconds: float):
+        super().__init__(reason)
+        self.reason, self.seconds = reason, seconds
+
+
 def _run_one(log: str, out_dir: str, mode: str, workers: int) -> dict:
     code = (
         "import sys, json; from components.ingest import beam_pipeline as b;"
@@ -64,7 +72,8 @@ def _run_one(log: str, out_dir: str, mode: str, workers: int) -> dict:
     stop.set()
     sampler.join()
     if child.returncode != 0:
-        raise RuntimeError(f"ingestion failed ({mode}): {stderr[-2000:]}")
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        raise IngestionFailed(lines[-1] if lines else f"exit status {child.returncode}", seconds)
     summary = json.loads(stdout.strip().splitlines()[-1])
     return {"seconds": seconds, "peak_rss_mb": peak[0] / 2**20, "summary": summary}
 
@@ -80,8 +89,15 @@ def run(events: List[int], modes: List[str], workers: int, workdir: str, out: st
         for mode in modes:
             out_dir = os.path.join(workdir, f"out-{n}-{mode}")
             subprocess.run(["rm", "-rf", out_dir], check=True)
-            r = _run_one(log, out_dir, mode, workers)
-            total = r["summary"]["good_records"] + r["summary"]["bad_records"] + r["summary"]["duplicates_dropped"]
+            try:
+                r = _run_one(log, out_dir, mode, workers)
+            except IngestionFailed as e:  # recorded, so the other modes still run and the JSON says why
+                row = {"events": None, "mode": mode, "workers": workers, "seconds": round(e.seconds, 2),
+                       "error": e.reason, "log_generation_seconds": round(gen_seconds, 1), "cpu_count": os.cpu_count()}
+                results.append(row)
+                print(f"{'-':>10} {mode:>16} {workers:>7} {row['seconds']:>9}  FAILED: {e.reason}", flush=True)
+                continue
+            total = r["summary"]["records_read"]
             row = {"events": total, "mode": mode, "workers": workers, "seconds": round(r["seconds"], 2),
                    "events_per_second": round(total / r["seconds"]), "peak_rss_mb": round(r["peak_rss_mb"]),
                    "log_generation_seconds": round(gen_seconds, 1), "cpu_count": os.cpu_count()}
