@@ -74,8 +74,14 @@ def _quality(rows: dict, scores: np.ndarray, domains) -> dict:
 
 
 def run(model_names: List[str], workdir: str, out: str, users: int = 2000, epochs: int = 2,
-        batch_size: int = 256, seed: int = 0, warmup: int = 20, examples: str = "") -> list:
-    """`examples`: an ingestion output to use instead of a generated log (e.g. imported real data)."""
+        batch_size: int = 256, seed: int = 0, warmup: int = 20, examples: str = "", overrides=None) -> list:
+    """`examples`: an ingestion output to use instead of a generated log (e.g. imported real data).
+
+    `overrides` (config field -> value) apply to every model; runs are then named
+    `model[key=value,...]`, so `xdctr compare` keeps ablations apart from the defaults.
+    """
+    overrides = dict(overrides or {})
+    suffix = "[" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) + "]" if overrides else ""
     os.makedirs(workdir, exist_ok=True)
     generated = not examples
     examples = examples or prepare_data(workdir, users, seed)
@@ -95,7 +101,7 @@ def run(model_names: List[str], workdir: str, out: str, users: int = 2000, epoch
               f"{oracle['cold_start']['auc']:9.4f} {'':>9}", flush=True)
     for name in model_names:
         keras.utils.set_random_seed(seed)
-        config = task.resolve_model_config(name, {}, contract)
+        config = task.resolve_model_config(name, overrides, contract)
         model = models.build(name, config)
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss={F.SERVING_OUTPUT: keras.losses.BinaryCrossentropy()},
                       jit_compile=False)
@@ -109,11 +115,11 @@ def run(model_names: List[str], workdir: str, out: str, users: int = 2000, epoch
             for x, _ in preprocess.dataset(eval_pattern, config.inputs, 4096)
         ])
         quality = _quality(rows, scores, contract.domains)
-        result = {"model": name, "examples_per_second": round(examples_per_second), "epochs": epochs,
+        result = {"model": name + suffix, "examples_per_second": round(examples_per_second), "epochs": epochs,
                   "batch_size": batch_size, "params": int(model.count_params()), "quality": quality,
                   "backend": keras.backend.backend(), "device": "cpu", "cpu_count": os.cpu_count()}
         results.append(result)
-        print(f"{name:>18} {examples_per_second:11.0f} {quality['overall']['auc']:7.4f} {quality['overall']['gauc']:7.4f} "
+        print(f"{name + suffix:>18} {examples_per_second:11.0f} {quality['overall']['auc']:7.4f} {quality['overall']['gauc']:7.4f} "
               f"{quality['cold_start']['auc']:9.4f} {result['params']:9d}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

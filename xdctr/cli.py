@@ -192,8 +192,16 @@ def _cmd_benchmark_train(args) -> int:
         raise UsageError(f"unknown model(s) {unknown}; known: {models.names()}")
     if args.examples and not os.path.isfile(os.path.join(args.examples, "summary.json")):
         raise UsageError(f"{args.examples} is not an ingestion output (no summary.json)")
+    from models import config as config_lib
+
+    try:
+        overrides = config_lib.parse_assignments(args.set or [])
+        for name in names:
+            models.resolve_config(name, overrides)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     train.run(names, args.workdir, args.out, users=args.users, epochs=args.epochs, batch_size=args.batch_size,
-              seed=args.seed, examples=args.examples)
+              seed=args.seed, examples=args.examples, overrides=overrides)
     return 0
 
 
@@ -335,6 +343,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--epochs", type=int, default=2)
     b.add_argument("--batch-size", type=int, default=256)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="model config override for every model (an ablation); the run is named model[KEY=VALUE,...]")
     b.add_argument("--workdir", default="outputs/benchmark/train")
     b.add_argument("--out", default="outputs/benchmark/train.json")
     b.set_defaults(func=_cmd_benchmark_train)
