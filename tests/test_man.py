@@ -24,11 +24,9 @@ from models.layers.masking import masked_softmax
 from models.layers.transformer import MultiHeadAttention, SASRecEncoder
 from xdctr import features as F
 
+from modelkit import labels as _labels, model_inputs as _inputs, served_ctr as _ctr, to_numpy as _np
+
 HISTORY, DOMAIN_HISTORY = 4, 3
-
-
-def _np(x):
-    return keras.ops.convert_to_numpy(x)
 
 
 def _softmax(x):
@@ -187,19 +185,6 @@ def _model(domains=("a", "b"), seed=1, **overrides):
     keras.utils.set_random_seed(seed)
     config = _config(domains, **overrides)
     return models.build("man", config), config
-
-
-def _inputs(rows, config):
-    serialized = tf.constant([sequences.serialize_example(r) for r in rows])
-    return preprocess.to_model_inputs(preprocess.parse(serialized, config.inputs), config.inputs)
-
-
-def _labels(rows):
-    return np.array([r[F.LABEL] for r in rows], "float32")
-
-
-def _ctr(model, inputs):
-    return _np(model(inputs)[F.SERVING_OUTPUT])
 
 
 def _train_step_lowers_loss(model, inputs, labels, run_eagerly=True):

@@ -22,12 +22,10 @@ from models.layers.transformer import TransformerEncoder
 from models.recguru import overlap_alignment_loss
 from xdctr import features as F
 
+from modelkit import labels as _labels, model_inputs as _inputs, served_ctr as _ctr, to_numpy as _np
+
 HISTORY, DOMAIN_HISTORY, BUCKETS = 4, 3, 64
 BCE = keras.losses.BinaryCrossentropy()
-
-
-def _np(x):
-    return keras.ops.convert_to_numpy(x)
 
 
 # ---------------------------------------------------------------- layers, by hand
@@ -299,19 +297,6 @@ def _model(domains=("a", "b"), seed=1, **overrides):
     keras.utils.set_random_seed(seed)
     config = _config(domains, **overrides)
     return models.build("recguru", config), config
-
-
-def _inputs(rows, config):
-    serialized = tf.constant([sequences.serialize_example(r) for r in rows])
-    return preprocess.to_model_inputs(preprocess.parse(serialized, config.inputs), config.inputs)
-
-
-def _labels(rows):
-    return np.array([r[F.LABEL] for r in rows], "float32")
-
-
-def _ctr(model, inputs):
-    return _np(model(inputs)[F.SERVING_OUTPUT])
 
 
 def _compile(model, learning_rate=3e-3, run_eagerly=True):

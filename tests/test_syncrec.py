@@ -22,12 +22,10 @@ from models.layers.moe import SequenceGates, SequentialExperts, TaskTowers, mix_
 from models.syncrec import NegativeTransferWeights, SyNCRecConfig, cross_expert_count
 from xdctr import features as F
 
+from modelkit import labels as _labels, model_inputs as _inputs, served_ctr as _ctr, to_numpy as _np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HISTORY, DOMAIN_HISTORY = 4, 3
-
-
-def _np(x):
-    return keras.ops.convert_to_numpy(x)
 
 
 def _sigmoid(x):
@@ -212,19 +210,6 @@ def _model(domains=("a", "b"), seed=1, **overrides):
     keras.utils.set_random_seed(seed)
     config = _config(domains, **overrides)
     return registry.build("syncrec", config), config
-
-
-def _inputs(rows, config):
-    serialized = tf.constant([sequences.serialize_example(r) for r in rows])
-    return preprocess.to_model_inputs(preprocess.parse(serialized, config.inputs), config.inputs)
-
-
-def _labels(rows):
-    return np.array([r[F.LABEL] for r in rows], "float32")
-
-
-def _ctr(model, inputs):
-    return _np(model(inputs)[F.SERVING_OUTPUT])
 
 
 def _with_target(row, item, domain):
