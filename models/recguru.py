@@ -13,8 +13,7 @@ from models.base import DEFAULT_PHASE, CTRModel
 from models.config import InputConfig
 from models.layers.critic import DomainCritic, cross_domain_interpolates, gradient_penalty, one_vs_rest_wasserstein
 from models.layers.sampled_softmax import SAMPLERS, SampledSoftmaxLoss
-from models.layers.seq2seq import TransformerDecoder
-from models.layers.transformer import TransformerEncoder
+from models.layers.transformer import TransformerDecoder, TransformerEncoder
 from models.registry import register
 from xdctr import features as F
 

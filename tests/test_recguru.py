@@ -17,8 +17,7 @@ from components.trainer import export, preprocess, task
 from models import config as config_lib
 from models.layers.critic import DomainCritic, cross_domain_interpolates, gradient_penalty, one_vs_rest_wasserstein
 from models.layers.sampled_softmax import SampledSoftmaxLoss, log_uniform_log_prob
-from models.layers.seq2seq import TransformerDecoder, TransformerDecoderBlock
-from models.layers.transformer import TransformerEncoder
+from models.layers.transformer import TransformerBlock, TransformerDecoder, TransformerEncoder
 from models.recguru import overlap_alignment_loss
 from xdctr import features as F
 
@@ -37,7 +36,7 @@ def test_decoder_block_by_hand():
     # the real memory entries, V = memory . ones = [m0 + m1] * 2 (the memory is not normalised).
     # FFN: relu(0) -> 0. So y = x + mean over real memory of [m0 + m1, m0 + m1], zeroed where padded.
     # x = [[1, 0], [0, 2]], memory [[1, 2], [3, 4]] -> V = [3, 3], [7, 7] -> mean [5, 5].
-    block = TransformerDecoderBlock(num_heads=1, kernel_initializer="ones")
+    block = TransformerBlock(num_heads=1, kernel_initializer="ones", with_memory=True)
     x = np.array([[[1.0, 0.0], [0.0, 2.0]]], "float32")
     memory = np.array([[[1.0, 2.0], [3.0, 4.0]]], "float32")
     causal = np.array([[[True, False], [True, True]]])
@@ -51,7 +50,7 @@ def test_decoder_block_by_hand():
     # A padded step is zero.
     out = _np(block(x, np.array([[False, True]]), causal, memory, np.array([[True, True]])))
     np.testing.assert_allclose(out, [[[0.0, 0.0], [5.0, 7.0]]], rtol=1e-5)
-    assert TransformerDecoderBlock.from_config(block.get_config()).num_heads == 1
+    assert TransformerBlock.from_config(block.get_config()).num_heads == 1
 
 
 def test_decoder_by_hand_is_causal_and_reads_the_memory():

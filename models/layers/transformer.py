@@ -1,4 +1,4 @@
-"""Masked dot-product attention and the SASRec-style causal self-attention encoder.
+"""Masked dot-product attention and the Transformer blocks built on it (SASRec, encoders, decoders).
 
 One masking path for every attention in `models/`: an explicit boolean mask, masked logits set to
 the dtype's minimum, and the softmax weights multiplied by the mask afterwards, so that a query
@@ -90,34 +90,42 @@ class MultiHeadAttention(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="xdctr")
 class TransformerBlock(keras.layers.Layer):
-    """One SASRec self-attention block (Kang & McAuley 2018), pre-layer-norm.
+    """One pre-layer-norm Transformer block: SASRec's (Kang & McAuley 2018), optionally with memory.
 
-        h = x + Dropout(SelfAttention(LN(x)))            # causal + padding mask
+        h = x + Dropout(SelfAttention(LN(x)))            # causal and/or padding mask
+        h = h + Dropout(CrossAttention(LN(h), memory))   # with_memory only; memory mask
         y = (h + Dropout(FFN(LN(h)))) * mask              # FFN(z) = W2 Dropout(ReLU(W1 z + b1)) + b2
 
     The point-wise FFN keeps the width (dim -> dim -> dim, as SASRec's 1x1 convolutions); padded
-    steps are zeroed on output.
+    steps are zeroed on output. With `with_memory` the block is a decoder block (RecGURU sec. 3.3
+    and supplement 6.1.1: "another multi-head attention layer over the user representation right
+    after the self-attention layer"); the memory is used as it comes and has the sequence's width.
+    A fully masked memory adds nothing.
 
     Args:
       num_heads: attention heads; must divide dim.
       dropout: rate of every dropout, in [0, 1).
       kernel_initializer: initializer of every kernel.
+      with_memory: add the cross-attention over `memory`.
 
     Call args:
       inputs: (batch, seq_len, dim).
       mask: (batch, seq_len) bool, True for real steps.
       attention_mask: (batch, seq_len, seq_len) bool; True where step i may attend to step j.
+      memory: (batch, mem_len, dim), with_memory only.
+      memory_mask: (batch, mem_len) bool, True for real memory entries, with_memory only.
     Returns:
       (batch, seq_len, dim).
     """
 
-    def __init__(self, num_heads=1, dropout=0.0, kernel_initializer="glorot_uniform", **kwargs):
+    def __init__(self, num_heads=1, dropout=0.0, kernel_initializer="glorot_uniform", with_memory=False, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
         self.num_heads = num_heads
         self.dropout = dropout
         self.kernel_initializer = kernel_initializer
+        self.with_memory = with_memory
         self.attention = MultiHeadAttention(num_heads, dropout=dropout, kernel_initializer=kernel_initializer,
                                             name="attention")
         self.attention_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="attention_norm")
@@ -125,6 +133,11 @@ class TransformerBlock(keras.layers.Layer):
         self.attention_dropout = keras.layers.Dropout(dropout)
         self.ffn_dropout = keras.layers.Dropout(dropout)
         self.ffn_inner_dropout = keras.layers.Dropout(dropout)
+        if with_memory:
+            self.cross_attention = MultiHeadAttention(num_heads, dropout=dropout, kernel_initializer=kernel_initializer,
+                                                      name="cross_attention")
+            self.cross_attention_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="cross_attention_norm")
+            self.cross_attention_dropout = keras.layers.Dropout(dropout)
 
     def build(self, input_shape):
         dim = input_shape[-1]
@@ -134,13 +147,21 @@ class TransformerBlock(keras.layers.Layer):
         self.attention_norm.build(input_shape)
         self.ffn_norm.build(input_shape)
         self.attention.build(input_shape, input_shape)
+        if self.with_memory:
+            self.cross_attention_norm.build(input_shape)
+            self.cross_attention.build(input_shape, input_shape)
         self.ffn_inner.build(input_shape)
         self.ffn_outer.build(input_shape)
 
-    def call(self, inputs, mask, attention_mask, training=False):
+    def call(self, inputs, mask, attention_mask, memory=None, memory_mask=None, training=False):
         h = self.attention_norm(inputs)  # (batch, seq_len, dim)
         attended = self.attention(h, h, attention_mask=attention_mask, training=training)  # (batch, seq_len, dim)
         x = inputs + self.attention_dropout(attended, training=training)
+        if self.with_memory:
+            cross_mask = ops.expand_dims(ops.cast(memory_mask, "bool"), 1)  # (batch, 1, mem_len)
+            crossed = self.cross_attention(self.cross_attention_norm(x), memory, attention_mask=cross_mask,
+                                           training=training)  # (batch, seq_len, dim)
+            x = x + self.cross_attention_dropout(crossed, training=training)
         h = self.ffn_inner_dropout(self.ffn_inner(self.ffn_norm(x)), training=training)  # (batch, seq_len, dim)
         x = x + self.ffn_dropout(self.ffn_outer(h), training=training)
         return x * ops.expand_dims(ops.cast(mask, x.dtype), -1)
@@ -150,7 +171,8 @@ class TransformerBlock(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(num_heads=self.num_heads, dropout=self.dropout, kernel_initializer=self.kernel_initializer)
+        config.update(num_heads=self.num_heads, dropout=self.dropout, kernel_initializer=self.kernel_initializer,
+                      with_memory=self.with_memory)
         return config
 
 
@@ -159,9 +181,11 @@ class TransformerEncoder(keras.layers.Layer):
     """Transformer encoder: dropout, `num_layers` `TransformerBlock`s, final layer norm.
 
     With `causal`, step i attends to the real steps j <= i (SASRec; MAN eq. 3-4, SyNCRec's
-    experts); without, to every real step, earlier or later (RecGURU eq. 4). Histories are
-    left-padded, so the last step is the most recent click. Positional embeddings are added by the
-    caller. Padded steps of the output are zeros; a fully padded sequence gives all zeros.
+    experts); without, to every real step, earlier or later (RecGURU eq. 4). With `with_memory`,
+    every block also attends to `memory` (a decoder: RecGURU eq. 4-5 and CDSRec, eq. 10).
+    Histories are left-padded, so the last step is the most recent click. Positional embeddings
+    are added by the caller. Padded steps of the output are zeros; a fully padded sequence gives
+    all zeros.
 
     Args:
       num_layers: number of blocks, positive.
@@ -169,16 +193,19 @@ class TransformerEncoder(keras.layers.Layer):
       dropout: rate of every dropout, in [0, 1).
       kernel_initializer: initializer of every kernel.
       causal: mask later steps out of every step's attention.
+      with_memory: blocks with cross-attention over `memory`.
 
     Call args:
       inputs: (batch, seq_len, dim) item embeddings plus positions.
       mask: (batch, seq_len) bool, True for real steps.
+      memory: (batch, mem_len, dim), with_memory only.
+      memory_mask: (batch, mem_len) bool, with_memory only.
     Returns:
       (batch, seq_len, dim).
     """
 
     def __init__(self, num_layers=1, num_heads=1, dropout=0.0, kernel_initializer="glorot_uniform", causal=False,
-                 **kwargs):
+                 with_memory=False, **kwargs):
         super().__init__(**kwargs)
         if num_layers <= 0:
             raise ValueError(f"`num_layers` must be positive. Received: num_layers={num_layers}")
@@ -191,9 +218,11 @@ class TransformerEncoder(keras.layers.Layer):
         self.dropout = dropout
         self.kernel_initializer = kernel_initializer
         self.causal = causal
+        self.with_memory = with_memory
         self.input_dropout = keras.layers.Dropout(dropout)
         self.blocks = [
-            TransformerBlock(num_heads, dropout=dropout, kernel_initializer=kernel_initializer, name=f"block_{i}")
+            TransformerBlock(num_heads, dropout=dropout, kernel_initializer=kernel_initializer, with_memory=with_memory,
+                             name=f"block_{i}")
             for i in range(num_layers)
         ]
         self.output_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="output_norm")
@@ -203,7 +232,7 @@ class TransformerEncoder(keras.layers.Layer):
             block.build(input_shape)
         self.output_norm.build(input_shape)
 
-    def call(self, inputs, mask, training=False):
+    def call(self, inputs, mask, memory=None, memory_mask=None, training=False):
         mask = ops.cast(mask, "bool")
         attention_mask = ops.expand_dims(mask, 1)  # (batch, 1, seq_len): the key is real
         if self.causal:
@@ -213,7 +242,7 @@ class TransformerEncoder(keras.layers.Layer):
         weights = ops.expand_dims(ops.cast(mask, inputs.dtype), -1)  # (batch, seq_len, 1)
         x = self.input_dropout(inputs, training=training) * weights
         for block in self.blocks:
-            x = block(x, mask, attention_mask, training=training)
+            x = block(x, mask, attention_mask, memory, memory_mask, training=training)
         return self.output_norm(x) * weights
 
     def compute_output_shape(self, input_shape):
@@ -222,7 +251,7 @@ class TransformerEncoder(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(num_layers=self.num_layers, num_heads=self.num_heads, dropout=self.dropout,
-                      kernel_initializer=self.kernel_initializer, causal=self.causal)
+                      kernel_initializer=self.kernel_initializer, causal=self.causal, with_memory=self.with_memory)
         return config
 
 
@@ -232,4 +261,19 @@ class SASRecEncoder(TransformerEncoder):
 
     def __init__(self, num_layers=1, num_heads=1, dropout=0.0, kernel_initializer="glorot_uniform", **kwargs):
         kwargs.pop("causal", None)
+        kwargs.pop("with_memory", None)
         super().__init__(num_layers, num_heads, dropout, kernel_initializer, causal=True, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="xdctr")
+class TransformerDecoder(TransformerEncoder):
+    """The causal `TransformerEncoder` with memory (RecGURU's decoders and CDSRec, eq. 4-5, 10).
+
+    Step i attends to the real steps j <= i and to the real memory entries; a fully masked memory
+    contributes nothing.
+    """
+
+    def __init__(self, num_layers=1, num_heads=1, dropout=0.0, kernel_initializer="glorot_uniform", **kwargs):
+        kwargs.pop("causal", None)
+        kwargs.pop("with_memory", None)
+        super().__init__(num_layers, num_heads, dropout, kernel_initializer, causal=True, with_memory=True, **kwargs)
