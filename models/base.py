@@ -14,6 +14,8 @@ auxiliary objectives) live in `auxiliary_losses()`, outside `call()`; the traini
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import keras
 from keras import ops
 
@@ -64,6 +66,16 @@ class CTRModel(keras.Model):
     def auxiliary_losses(self, inputs, outputs, training=False) -> dict:
         """Named scalar losses added to the CTR loss during training (none by default)."""
         return {}
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """The compiled metrics see only the served output.
+
+        `call` may return extra named outputs while training (for a model's own losses); the
+        Trainer's metrics are compiled for `SERVING_OUTPUT` alone.
+        """
+        if isinstance(y_pred, Mapping):
+            y_pred = {F.SERVING_OUTPUT: y_pred[F.SERVING_OUTPUT]}
+        return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def training_phases(self) -> tuple:
         """((name, share of the training steps), ...) in the order training runs them.

@@ -604,10 +604,6 @@ class RecGURU(CTRModel):
         bpr = bpr / _num_replicas()
         return bpr if self.config.objective == "bpr" else ctr + bpr
 
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        """The compiled metrics on the served output only (the extra training outputs are eq. 12's)."""
-        return super().compute_metrics(x, y, _served(y_pred), sample_weight=sample_weight)
-
     # ------------------------------------------------------------------ training (TensorFlow)
 
     def train_step(self, *args, **kwargs):

@@ -542,12 +542,6 @@ class SyNCRec(CTRModel):
         eta = self.config.harmonic_factor
         return eta * prediction + (1.0 - eta) * ops.sum(losses["sc_mim"])  # eq. 18
 
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        """Compiled metrics see only the served `ctr` (training outputs carry extra keys)."""
-        if isinstance(y_pred, Mapping):
-            y_pred = {F.SERVING_OUTPUT: y_pred[F.SERVING_OUTPUT]}
-        return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
     def get_config(self):
         return {"config": to_dict(self.config)}
 
