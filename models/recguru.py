@@ -13,7 +13,7 @@ from models.base import DEFAULT_PHASE, CTRModel
 from models.config import InputConfig
 from models.layers.critic import DomainCritic, cross_domain_interpolates, gradient_penalty, one_vs_rest_wasserstein
 from models.layers.sampled_softmax import SAMPLERS, SampledSoftmaxLoss
-from models.layers.transformer import TransformerDecoder, TransformerEncoder
+from models.layers.transformer import MEMORY_ATTENTION, TransformerDecoder, TransformerEncoder
 from models.registry import register
 from xdctr import features as F
 
@@ -47,6 +47,9 @@ class RecGURUConfig:
       gur_source: what CDSRec's cross-attention attends to: "all_domains" (the generalised
         representations of every domain where the user has history) or "target_domain" (only the
         target domain's, eq. 10 read literally).
+      decoder_memory: how each decoder reads its one memory entry h^d: "projection" (h^d W^V, what
+        attention over one key computes, without the query and key weights that could never learn)
+        or "attention" (the multi-head cross-attention layer as the paper draws it).
       softmax_negatives: sampled negatives of the reconstruction softmax (supplement 6.1.3:
         neg_softmax = 20 or 10); 0 is the full softmax over item_buckets.
       negative_sampler: "uniform" or "log_uniform" proposal of the sampled softmax.
@@ -76,6 +79,7 @@ class RecGURUConfig:
     dropout: float = 0.0
     short_term_length: int = 0
     gur_source: str = "all_domains"
+    decoder_memory: str = "projection"
     softmax_negatives: int = 20
     negative_sampler: str = "uniform"
     objective: str = "bce"
@@ -114,7 +118,8 @@ def _validate(config: RecGURUConfig) -> None:
         raise ValueError(f"`short_term_length` must be in [0, domain_history_length="
                          f"{config.inputs.domain_history_length}]. "
                          f"Received: short_term_length={config.short_term_length}")
-    for name, choices in (("gur_source", GUR_SOURCES), ("objective", OBJECTIVES), ("negative_sampler", SAMPLERS)):
+    for name, choices in (("gur_source", GUR_SOURCES), ("objective", OBJECTIVES), ("negative_sampler", SAMPLERS),
+                          ("decoder_memory", MEMORY_ATTENTION)):
         if getattr(config, name) not in choices:
             raise ValueError(f"`{name}` must be one of {choices}. Received: {name}={getattr(config, name)!r}")
     if config.softmax_negatives < 0:
@@ -279,10 +284,11 @@ class RecGURU(CTRModel):
     - The supplement's separate Adams per phase (pre-training 1.0 with a schedule, fine-tuning
       1e-3) become the Trainer's one compiled optimizer for every non-critic step; only the critic
       has its own (wrapped in a `LossScaleOptimizer` under mixed precision).
-    - Each decoder's cross-attention attends over the one vector h^d, as the paper says, so its
-      softmax weight is always 1: W^Q, W^K and the layer norm in front of the query never get a
-      gradient (the block is kept whole so that CDSRec, whose memory holds several domains,
-      shares it).
+    - Each decoder reads the one vector h^d ("another multi-head attention layer over the user
+      representation"). Attention over one key has softmax weight 1, so it is h^d W^V, and its
+      W^Q, W^K and query layer norm could never learn: by default (`decoder_memory="projection"`)
+      the decoder block computes h^d W^V directly; "attention" keeps the literal layer. CDSRec,
+      whose memory holds several domains, uses real cross-attention.
     - The autoencoder reconstructs every domain's history of every row; an impression row is not
       deduplicated per user, so a user's sequence is reconstructed once per impression.
 
@@ -312,7 +318,8 @@ class RecGURU(CTRModel):
         self.bos_tokens = self.add_weight(shape=(num_domains, dim), initializer="uniform", name="bos_tokens")
         # GURU encoder (shared) and decoders (per domain), eq. 4-5.
         self.encoder = TransformerEncoder(**blocks, name="encoder")
-        self.decoders = [TransformerDecoder(**blocks, name=f"decoder_{d}") for d in range(num_domains)]
+        self.decoders = [TransformerDecoder(**blocks, memory_attention=config.decoder_memory, name=f"decoder_{d}")
+                         for d in range(num_domains)]
         self.reconstruction_softmax = SampledSoftmaxLoss(inputs.item_buckets, config.softmax_negatives,
                                                          config.negative_sampler, first_class=1,
                                                          name="reconstruction_softmax")

