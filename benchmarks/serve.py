@@ -545,8 +545,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "(required with --model-dir; default: the generated eval split)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="registered model to train when no --model-dir")
     parser.add_argument("--users", type=int, default=DEFAULT_USERS, help="users of the generated log")
-    parser.add_argument("--train-steps", type=int, default=DEFAULT_TRAIN_STEPS)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-steps", type=int, default=DEFAULT_TRAIN_STEPS,
+                        help="training steps of the benchmark model (when no --model-dir)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated log and of training")
     parser.add_argument("--requests", type=int, default=DEFAULT_REQUESTS,
                         help="at most this many requests per scenario")
     parser.add_argument("--duration", type=float, default=DEFAULT_DURATION_S,
@@ -557,10 +558,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates-concurrency", type=int, default=DEFAULT_CANDIDATES_CONCURRENCY,
                         help="clients of the candidate scenarios")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="uncounted requests before each scenario")
-    parser.add_argument("--batch-timeout-micros", type=int, default=DEFAULT_BATCH_TIMEOUT_MICROS)
-    parser.add_argument("--num-batch-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--batch-timeout-micros", type=int, default=DEFAULT_BATCH_TIMEOUT_MICROS,
+                        help="batching: how long a batch waits to fill")
+    parser.add_argument("--num-batch-threads", type=int, default=os.cpu_count() or 1, help="batching: threads running batches")
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help="generated data, model, service logs")
-    parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results")
 
 
 def run_from_args(args: argparse.Namespace) -> int:

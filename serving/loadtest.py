@@ -418,14 +418,14 @@ def format_summary(result: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `xdctr loadtest` flags."""
     parser.add_argument("--target", default="localhost:8500", help="host:port of a PredictionService (loopback only)")
-    parser.add_argument("--model-name", default="xdctr")
+    parser.add_argument("--model-name", default="xdctr", help="served model name")
     parser.add_argument("--examples", required=True, help="TFRecord file pattern of serialized tf.Examples (.gz: GZIP)")
     parser.add_argument("--max-examples", type=int, default=DEFAULT_MAX_EXAMPLES,
                         help="examples read from --examples and cycled through")
     parser.add_argument("--requests", type=int, default=DEFAULT_REQUESTS, help="stop after this many requests")
     parser.add_argument("--duration", type=float, default=DEFAULT_DURATION_S, help="stop after this many seconds")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="client threads (closed loop)")
-    parser.add_argument("--signature", choices=SIGNATURES, default=F.SERVING_SIGNATURE)
+    parser.add_argument("--signature", choices=SIGNATURES, default=F.SERVING_SIGNATURE, help="signature to call")
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"examples per {F.SERVING_SIGNATURE} request")
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
                         help=f"candidates per {F.SCORE_CANDIDATES_SIGNATURE} request")

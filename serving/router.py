@@ -772,7 +772,7 @@ def add_arguments(parser) -> None:
     """The flags of `xdctr route`."""
     parser.add_argument("--config", required=True, help="experiment YAML (arms, weights, salt; reloaded when it changes)")
     parser.add_argument("--port", type=int, default=8600, help="gRPC port of the router")
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
     parser.add_argument("--assignment-log", help="JSON Lines file the assignments and served scores are appended to")
     parser.add_argument("--monitoring-port", type=int,
                         help=f"HTTP port of {METRICS_PATH} (default: no metrics endpoint)")

@@ -1,5 +1,6 @@
 """Project wiring: the runtime files, the Dockerfile, and the command line's error handling."""
 
+import argparse
 import os
 import re
 import subprocess
@@ -45,6 +46,34 @@ def test_every_subcommand_has_help(capsys):
             cli.main(argv)
         assert exit_info.value.code == 0
         assert "usage: xdctr" in capsys.readouterr().out
+
+
+def _subparsers(parser):
+    """(prog, parser) of every leaf subcommand under `parser`."""
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not actions:
+        yield parser.prog, parser
+    for action in actions:
+        for child in action.choices.values():
+            yield from _subparsers(child)
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    commands = [None, *cli.LAZY_COMMANDS, "benchmark"]
+    checked = set()
+    for command in commands:
+        for prog, parser in _subparsers(cli.build_parser(command)):
+            flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+            if prog in checked or (command and not flags):
+                continue  # lazy commands have their flags only when built for themselves
+            checked.add(prog)
+            text = parser.format_help()
+            for action in flags:
+                assert action.help, f"{prog} {action.option_strings[0]} has no help text"
+                if action.default not in (None, False) and not action.required:
+                    shown = action.default if not isinstance(action.default, list) else action.default
+                    assert f"(default: {shown})" in " ".join(text.split()), (prog, action.option_strings[0])
+    assert {"xdctr generate-logs", "xdctr benchmark train", "xdctr serve", "xdctr demo"} <= checked
 
 
 def _run_cli(*args):

@@ -16,13 +16,27 @@ import sys
 from typing import List, Optional
 
 from xdctr import features as F
+from xdctr import quiet
 
 
 class UsageError(Exception):
     """A mistake in the invocation or its inputs; reported as one line."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help with every flag's default; flags without one (required, store_true) show none."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or action.required or not action.option_strings:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
@@ -158,8 +172,12 @@ def _cmd_predict(args) -> int:
 def _cmd_demo(args) -> int:
     from xdctr import demo
 
-    demo.run(os.path.abspath(args.workdir), source=args.source, model=args.model, users=args.users,
-             train_steps=args.train_steps, num_scores=args.scores)
+    from models import config as config_lib
+
+    overrides = config_lib.parse_assignments(args.set or [])
+    demo.run(os.path.abspath(args.workdir), source=args.source, baseline=args.baseline, candidate=args.candidate,
+             candidate_config=overrides, users=args.users, train_steps=args.train_steps, epochs=args.epochs,
+             num_scores=args.scores)
     return 0
 
 
@@ -216,9 +234,9 @@ def _add_pipeline_flags(p, root_default: str):
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override, e.g. embedding_dim=32")
     p.add_argument("--train-steps", type=int, default=500, help="total training steps (over all epochs)")
     p.add_argument("--eval-steps", type=int, default=20, help="validation batches after each epoch")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=1, help="passes over the train split (train steps are split over them)")
+    p.add_argument("--batch-size", type=int, default=256, help="training batch size")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--early-stopping-patience", type=int, default=2, help="0 disables early stopping")
     p.add_argument("--mixed-precision", action="store_true", help="train with the mixed_float16 policy")
     p.add_argument("--jit-compile", action="store_true", help="compile the train step with XLA")
@@ -233,7 +251,7 @@ def _add_pipeline_flags(p, root_default: str):
     p.add_argument("--beam-arg", action="append", default=[],
                    help="Beam pipeline option for ingestion and evaluation, e.g. --beam-arg=--runner=DataflowRunner")
     p.add_argument("--no-cache", action="store_true", help="re-run every component even on unchanged inputs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed (initialisation, shuffling, dropout)")
 
 
 LAZY_COMMANDS = {
@@ -265,13 +283,15 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate-logs", help="write a synthetic click log with a known truth")
     p.add_argument("--out", required=True, help="output file (.jsonl or .jsonl.gz)")
-    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--users", type=int, default=1000, help="number of users")
     p.add_argument("--domains", default="grocery,kitchen", help="comma-separated domain names (2 or more)")
-    p.add_argument("--items-per-domain", type=int, default=500)
-    p.add_argument("--multi-domain-fraction", type=float, default=0.6)
-    p.add_argument("--mean-events-per-user", type=float, default=30.0)
-    p.add_argument("--days", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--items-per-domain", type=int, default=500, help="catalogue size of each domain (Zipf popularity)")
+    p.add_argument("--multi-domain-fraction", type=float, default=0.6,
+                   help="fraction of users active in more than one domain (they enter later domains part-way: cold start)")
+    p.add_argument("--mean-events-per-user", type=float, default=30.0,
+                   help="mean impressions per user (Pareto-tailed activity)")
+    p.add_argument("--days", type=int, default=30, help="time span of the log")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same log")
     p.set_defaults(func=_cmd_generate_logs)
 
     p = sub.add_parser("import-interactions", help="real interactions (user_id,item_id,domain,ts CSV) -> impression log")
@@ -280,7 +300,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--negatives", type=int, default=4, help="non-clicked impressions sampled per interaction (K)")
     p.add_argument("--popularity-window", type=int, default=1_000,
                    help="negatives are drawn by popularity among the domain's last W interactions before the click")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the negative sampling")
     p.set_defaults(func=_cmd_import_interactions)
 
     p = sub.add_parser("ingest", help="click logs -> per-user sequence TFRecords (Beam)")
@@ -295,8 +315,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, default=0.2, help="size of the eval split (the latest data)")
     p.add_argument("--split-by", choices=["events", "time"], default="events",
                    help="eval = the last fraction of the events by time, or of the time range")
-    p.add_argument("--max-bad-fraction", type=float, default=0.05)
-    p.add_argument("--domains", default="", help="comma-separated accepted domains (default: any)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.05,
+                   help="fail the run when more than this fraction of the records is rejected")
+    p.add_argument("--domains", default="", help="comma-separated accepted domains (empty: any)")
     p.add_argument("--beam-arg", action="append", default=[], help="Beam pipeline option, e.g. --beam-arg=--runner=DirectRunner")
     p.set_defaults(func=_cmd_ingest)
 
@@ -308,8 +329,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_pipeline_run)
     compile_ = psub.add_parser("compile", help="compile for an orchestrator (Kubeflow Pipelines v2 JSON)")
     _add_pipeline_flags(compile_, "gs://YOUR_BUCKET/xdctr/pipeline")
-    compile_.add_argument("--runner", choices=["kubeflow"], default="kubeflow")
-    compile_.add_argument("--output", default="outputs/kubeflow/xdctr_pipeline.json")
+    compile_.add_argument("--runner", choices=["kubeflow"], default="kubeflow", help="orchestrator to compile for")
+    compile_.add_argument("--output", default="outputs/kubeflow/xdctr_pipeline.json", help="compiled pipeline file")
     compile_.add_argument("--image", default="xdctr:0.1.0",
                           help="default image of every component: the project's Dockerfile, built and pushed")
     compile_.set_defaults(func=_cmd_pipeline_compile)
@@ -319,34 +340,35 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--new-domain", required=True, help="the domain to add")
     p.add_argument("--examples", required=True, help="ingestion output with domains = the model's + the new one")
     p.add_argument("--out", required=True, help="export directory of the fine-tuned model")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=200, help="training steps on the new domain")
+    p.add_argument("--batch-size", type=int, default=256, help="training batch size")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("benchmark", help="benchmark scripts (print a table, write JSON)")
     bsub = p.add_subparsers(dest="benchmark_command", metavar="WHAT", parser_class=_Parser)
     bsub.required = True
     b = bsub.add_parser("ingest", help="Beam ingestion throughput and peak memory on generated logs")
-    b.add_argument("--events", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    b.add_argument("--events", type=int, nargs="+", default=[1_000_000, 10_000_000],
+                   help="generated log sizes to ingest (approximate event counts)")
     b.add_argument("--modes", nargs="+", default=["in_memory", "multi_processing"],
-                   choices=["in_memory", "multi_threading", "multi_processing"])
+                   choices=["in_memory", "multi_threading", "multi_processing"], help="DirectRunner running modes")
     b.add_argument("--workers", type=int, default=2, help="--direct_num_workers")
     b.add_argument("--workdir", default="outputs/benchmark/ingest", help="generated logs and outputs")
-    b.add_argument("--out", default="outputs/benchmark/ingest.json")
+    b.add_argument("--out", default="outputs/benchmark/ingest.json", help="JSON results")
     b.set_defaults(func=_cmd_benchmark_ingest)
     b = bsub.add_parser("train", help="examples/s, AUC and GAUC of every model on generated logs")
     b.add_argument("--models", nargs="+", help="registered model names (default: all)")
     b.add_argument("--users", type=int, default=2000, help="users of the generated log")
     b.add_argument("--examples", default="", help="an ingestion output to train on instead (e.g. imported real data)")
-    b.add_argument("--epochs", type=int, default=2)
-    b.add_argument("--batch-size", type=int, default=256)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--epochs", type=int, default=2, help="passes over the train split")
+    b.add_argument("--batch-size", type=int, default=256, help="training batch size")
+    b.add_argument("--seed", type=int, default=0, help="seed of the generated log and of training")
     b.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="model config override for every model (an ablation); the run is named model[KEY=VALUE,...]")
-    b.add_argument("--workdir", default="outputs/benchmark/train")
-    b.add_argument("--out", default="outputs/benchmark/train.json")
+    b.add_argument("--workdir", default="outputs/benchmark/train", help="generated log, examples and models")
+    b.add_argument("--out", default="outputs/benchmark/train.json", help="JSON results")
     b.set_defaults(func=_cmd_benchmark_train)
     if command == "benchmark":  # its flags come from a module that starts TensorFlow services lazily
         from benchmarks import serve as serve_benchmark
@@ -366,19 +388,23 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
             p.set_defaults(func=getattr(loaded, run))
 
     p = sub.add_parser("predict", help="score TFRecord examples through a running service (TF Serving client stubs)")
-    p.add_argument("--target", default="localhost:8500")
-    p.add_argument("--model-name", default="xdctr")
+    p.add_argument("--target", default="localhost:8500", help="host:port of the PredictionService")
+    p.add_argument("--model-name", default="xdctr", help="served model name")
     p.add_argument("--examples", required=True, help="gzip TFRecord file pattern of tf.Examples")
-    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("--limit", type=int, default=10, help="examples to score")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("demo", help="the main job: bundled data, the pipeline twice, serve, route a 2-arm A/B test")
-    p.add_argument("--workdir", default="outputs/demo")
-    p.add_argument("--source", default="amazon-five-domains",
+    p = sub.add_parser("demo", help="the main job: a baseline and a cross-domain model through the TFX pipeline, "
+                                    "side by side, the HTML report, serve the blessed one, route an A/B test")
+    p.add_argument("--workdir", default="outputs/demo", help="logs, pipeline root, serving dir, report")
+    p.add_argument("--source", default="amazon-food-kitchen",
                    help="bundled data set under ../shared/data, or 'generated' for a synthetic log")
-    p.add_argument("--model", default="dnn_multi", help="registered model the pipeline trains")
+    p.add_argument("--baseline", default="dnn_multi", help="registered model trained first: the current model")
+    p.add_argument("--candidate", default="dasl", help="registered cross-domain model that must beat it to be blessed")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override of the candidate")
     p.add_argument("--users", type=int, default=300, help="users of a generated log")
-    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--train-steps", type=int, default=1000, help="training steps of each model (over all epochs)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs the steps are split over (early stopping between)")
     p.add_argument("--scores", type=int, default=8, help="served scores to print")
     p.set_defaults(func=_cmd_demo)
     return parser
@@ -386,11 +412,14 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Before any TensorFlow import (build_parser imports the command's module).
+    quiet.configure(verbose=bool({"-v", "--verbose"} & set(argv[:argv.index("--")] if "--" in argv else argv)))
     parser = build_parser(_command_of(argv))
     try:
         args = parser.parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        quiet.configure(verbose=args.verbose)  # again: basicConfig made the root handler
         return args.func(args)
     except UsageError as e:
         print(f"xdctr: error: {e}", file=sys.stderr)
