@@ -2,16 +2,19 @@
 RUNTIME := scripts/runtime
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lock clean
+.PHONY: setup run test test-fast lock clean
 
 setup:  ## build the runtime once (a no-op when it exists)
 	@scripts/setup-runtime >/dev/null && echo "runtime ready: $$(scripts/setup-runtime)"
 
-run: setup  ## the main job: bundled data -> TFX pipeline (twice) -> xdctr serve -> 2-arm A/B through xdctr route
+run: setup  ## the main job: food-kitchen -> baseline and cross-domain model through the TFX pipeline -> side by side, report -> serve, A/B
 	$(RUNTIME) env PYTHONUNBUFFERED=1 xdctr demo --workdir outputs/demo
 
 test: setup  ## unit tests and the end-to-end test
 	$(RUNTIME) env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+test-fast: setup  ## the tests without the slow ones (pipelines, JAX, fine-tuning): for development
+	$(RUNTIME) env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS) tests
 
 lock:  ## re-resolve runtime/requirements.in into requirements.lock (inside the current runtime)
 	$(RUNTIME) scripts/lock

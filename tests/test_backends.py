@@ -8,7 +8,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import models
+
+pytestmark = pytest.mark.slow  # make test-fast skips these
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

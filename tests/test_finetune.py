@@ -3,12 +3,15 @@
 import os
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from components.ingest import beam_pipeline, generator
 from components.trainer import finetune, task
 from models import dacdr
 from xdctr import features as F
+
+pytestmark = pytest.mark.slow  # make test-fast skips these
 
 SMALL = {"embedding_dim": 8, "encoder_units": [8], "hidden_units": [8],
          "inputs": {"item_buckets": 512, "user_buckets": 512}}

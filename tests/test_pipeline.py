@@ -13,6 +13,8 @@ from components.ingest import generator
 from pipeline import kubeflow_runner, local_runner
 from xdctr import features as F
 
+pytestmark = pytest.mark.slow  # make test-fast skips these
+
 COMPONENTS = {"ClickLogExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "Trainer",
               "latest_blessed_model_resolver", "Evaluator", "Pusher"}
 SMALL = {"inputs": {"item_buckets": 512, "user_buckets": 512}}

@@ -1,16 +1,27 @@
-"""The main job (`make run`, `xdctr demo`): the whole path once, for real.
+"""The main job (`make run`, `xdctr demo`): what the product is for, end to end, for real.
 
-1. Click logs: the bundled Amazon five-domains interactions imported as impressions (4
-   popularity-sampled non-clicks per click), or a generated log (`source="generated"`, used by
-   the end-to-end test).
-2. The TFX pipeline on LocalDagRunner: ClickLogExampleGen, StatisticsGen, SchemaGen,
-   ExampleValidator, Trainer, Evaluator (AUC and GAUC per domain and for cold-start users) and
-   Pusher. It runs twice, with two training seeds, so two blessed versions are pushed.
-3. `xdctr serve` serves both versions (labels `stable` and `canary`) from a TF Serving
-   model_config_list; Predict requests through the standard TF Serving client stubs; the served
-   scores are checked against the in-process model's.
-4. `xdctr route` runs a 2-arm experiment (stable/canary, 50/50 by user) in front of it; requests of
-   many users go through the router, and the assignment log shows both arms.
+1. Click logs: the bundled Amazon food-kitchen interactions (grocery and kitchen shops, 7,144
+   users) imported as impressions, or a generated log (`source="generated"`, used by the
+   end-to-end test).
+2. The TFX pipeline on LocalDagRunner trains the current model, a baseline: ClickLogExampleGen,
+   StatisticsGen, SchemaGen, ExampleValidator, Trainer, Evaluator (TFMA: AUC and GAUC overall,
+   per domain and for cold-start users), Pusher. Nothing is blessed yet, so fixed thresholds
+   decide, and it is pushed as version A.
+3. The pipeline again with a cross-domain model (inputs unchanged, so ingestion and statistics
+   come from the cache). The Evaluator scores candidate and blessed baseline on the same eval
+   split; the candidate is blessed and pushed (version B) only if its GAUC is no worse in every
+   domain.
+4. Both models side by side (AUC, GAUC, per domain, cold start) from that evaluation, and the HTML
+   report (`xdctr evaluate`: per-slice metrics, ROC, calibration and GAUC plots) of the model
+   that now serves.
+5. `xdctr serve` serves the blessed versions from a TF Serving model_config_list (labels `stable`
+   = A and `canary` = B), answering Predict through the standard TF Serving client stubs; the
+   served scores are checked against the in-process model's.
+6. `xdctr route` splits users 50/50 between the two versions (an A/B test) and logs assignments.
+
+Every run starts from an empty model history under `<workdir>/pipeline` and
+`<workdir>/serving` (so the baseline is always the first blessed model); the imported log is
+reused.
 """
 
 from __future__ import annotations
@@ -19,18 +30,21 @@ import contextlib
 import glob
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
-from typing import Iterator, List, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from xdctr import features as F
 
 MODEL_NAME = "xdctr"
-FIVE_DOMAINS = "amazon-five-domains"
+FOOD_KITCHEN = "amazon-food-kitchen"
+# The demo's pair: the multi-domain DNN baseline and the cross-domain model it must beat.
+BASELINE, CANDIDATE = "dnn_multi", "dasl"
 # The bundled data: ../shared/data next to the checkout.
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
 
@@ -89,18 +103,6 @@ def latest_artifact(pipeline_root: str, type_name: str):
     return max(artifacts, key=lambda a: a.id)
 
 
-def evaluation_metrics(pipeline_root: str) -> dict:
-    """{slice name: {metric: value}} of the newest Evaluator run; slice '' is overall."""
-    import tensorflow_model_analysis as tfma
-
-    result = tfma.load_eval_result(latest_artifact(pipeline_root, "ModelEvaluation").uri)
-    metrics = {}
-    for slice_key, values in result.slicing_metrics:
-        name = ",".join(f"{k}={v}" for k, v in slice_key)
-        metrics[name] = {k: v.get("doubleValue") for k, v in values[""][""].items() if "doubleValue" in v}
-    return metrics
-
-
 def pushed_versions(base_path: str) -> List[int]:
     return sorted(int(os.path.basename(d)) for d in glob.glob(os.path.join(base_path, "*")) if os.path.basename(d).isdigit())
 
@@ -152,14 +154,44 @@ def experiment_yaml(backend: str) -> str:
     }, indent=2)  # JSON is YAML
 
 
-def _logs(workdir: str, source: str, users: int) -> str:
+class Stages:
+    """Numbered progress lines, one per stage, and the time each took (for the closing summary)."""
+
+    def __init__(self, total: int, out=None):
+        self.total, self._out, self.done = total, out, []
+        self._number, self._started = 0, time.monotonic()
+
+    @property
+    def out(self):
+        return self._out or sys.stdout  # looked up at print time (tests capture sys.stdout)
+
+    @contextlib.contextmanager
+    def stage(self, title: str) -> Iterator[Callable[[str], None]]:
+        """Prints `[i/n] title ...`; the block may `say(line)` details; then prints the time taken."""
+        self._number += 1
+        print(f"[{self._number}/{self.total}] {title} ...", file=self.out, flush=True)
+        started = time.monotonic()
+        yield lambda line: print(f"      {line}", file=self.out, flush=True)
+        seconds = time.monotonic() - started
+        self.done.append((title, seconds))
+        print(f"      done in {seconds:.0f} s", file=self.out, flush=True)
+
+    def summary(self) -> str:
+        width = max(len(title) for title, _ in self.done)
+        lines = [f"{'stage':<{width}}  seconds"]
+        lines += [f"{title:<{width}}  {seconds:7.0f}" for title, seconds in self.done]
+        lines.append(f"{'total':<{width}}  {time.monotonic() - self._started:7.0f}")
+        return "\n".join(lines)
+
+
+def _logs(workdir: str, source: str, users: int, say) -> str:
     if source == "generated":
         from components.ingest import generator
 
         path = os.path.join(workdir, "logs", "clicks.jsonl.gz")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         count = generator.generate_file(generator.GeneratorConfig(num_users=users), path)
-        print(f"[1/5] generated {count} impressions of {users} users in 2 domains: {path}", flush=True)
+        say(f"generated {count} impressions of {users} users in 2 domains: {path}")
         return path
     from components.ingest import importer
 
@@ -167,49 +199,73 @@ def _logs(workdir: str, source: str, users: int) -> str:
     if not os.path.isfile(interactions):
         raise FileNotFoundError(f"the bundled data set {source} is not at ../shared/data/{source}/interactions.csv")
     path = os.path.join(workdir, "logs", f"{source}.jsonl.gz")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    summary = importer.import_interactions([interactions], path, importer.ImportConfig(negatives=4, seed=0))
-    print(f"[1/5] imported {summary['interactions']} interactions of {summary['users']} users "
-          f"({source}) as {summary['impressions']} impressions: {path}", flush=True)
+    summary_path = path + ".summary.json"
+    if os.path.isfile(path) and os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+        say(f"reusing {path}")
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        summary = importer.import_interactions([interactions], path, importer.ImportConfig(negatives=4, seed=0))
+        with open(summary_path, "w") as f:
+            json.dump(summary, f)
+    say(f"{summary['interactions']} interactions of {summary['users']} users ({source}) -> "
+        f"{summary['impressions']} impressions (each click + 4 sampled non-clicks)")
     return path
 
 
-def run(workdir: str, source: str = FIVE_DOMAINS, model: str = "dnn_multi", users: int = 300,
-        train_steps: int = 300, num_scores: int = 8, routed_users: int = 200) -> dict:
-    from components.evaluation.eval_config import Thresholds
-    from pipeline import local_runner
+def evaluation_metrics(pipeline_root: str, model_name: Optional[str] = None) -> dict:
+    """{slice name: {metric: value}} of the newest Evaluator run; slice '' is overall.
+
+    `model_name` is "candidate" or "baseline" when the Evaluator compared the two."""
+    import tensorflow_model_analysis as tfma
+
+    result = tfma.load_eval_result(latest_artifact(pipeline_root, "ModelEvaluation").uri, model_name=model_name)
+    metrics = {}
+    for slice_key, values in result.slicing_metrics:
+        name = ",".join(f"{k}={v}" for k, v in slice_key)
+        metrics[name] = {k: v.get("doubleValue") for k, v in values[""][""].items() if "doubleValue" in v}
+    return metrics
+
+
+def _is_blessed(pipeline_root: str) -> bool:
+    return bool(latest_artifact(pipeline_root, "ModelBlessing").custom_properties["blessed"].int_value)
+
+
+SIDE_BY_SIDE_METRICS = (("auc", "AUC"), ("gauc", "GAUC"))
+
+
+def _comparison_rows(metrics: dict) -> List[str]:
+    """Overall, each domain, cold start (overall and per domain): the slices the table shows."""
+    names = [""] + sorted(n for n in metrics if n.startswith(f"{F.DOMAIN}=") and "," not in n)
+    names += sorted(n for n in metrics if n.startswith(f"{F.COLD_START}=1") or n.endswith(f"{F.COLD_START}=1"))
+    return [n for n in names if n in metrics]
+
+
+def side_by_side(baseline: dict, candidate: dict, baseline_name: str, candidate_name: str) -> str:
+    """A text table: per slice, each model's AUC and GAUC and the candidate's gain."""
+    rows = _comparison_rows(candidate)
+    header = f"{'slice':<28} {'examples':>8}"
+    for _, label in SIDE_BY_SIDE_METRICS:
+        header += f" {label + ' ' + baseline_name:>{len(label) + len(baseline_name) + 3}}"
+        header += f" {label + ' ' + candidate_name:>{len(label) + len(candidate_name) + 3}} {'gain':>7}"
+    lines = [header]
+    for name in rows:
+        b, c = baseline.get(name, {}), candidate[name]
+        line = f"{name or 'overall':<28} {int(c.get('example_count', 0)):>8}"
+        for key, label in SIDE_BY_SIDE_METRICS:
+            bv, cv = b.get(key, float("nan")), c.get(key, float("nan"))
+            line += f" {bv:>{len(label) + len(baseline_name) + 3}.4f} {cv:>{len(label) + len(candidate_name) + 3}.4f}"
+            line += f" {cv - bv:>+7.4f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _serve_and_route(workdir: str, root: str, serving_base: str, versions: List[int], num_scores: int,
+                     routed_users: int, stages: Stages) -> dict:
     from serving import client
 
-    started = time.time()
-    logs = _logs(workdir, source, users)
-    root = os.path.join(workdir, "pipeline")
-    serving_base = os.path.join(workdir, "serving", MODEL_NAME)
-    versions_before = pushed_versions(serving_base)
-    for seed in (0, 1):
-        # The second run must not be worse than the first in any domain by more than 0.02 GAUC.
-        local_runner.run(
-            root, pipeline_name="xdctr-demo", input_pattern=logs, serving_model_dir=serving_base, model_name=model,
-            model_config={}, train_steps=train_steps, eval_steps=10,
-            training={"batch_size": 256, "learning_rate": 2e-3, "seed": seed},
-            thresholds=Thresholds(min_auc=0.5, min_gauc=0.5, max_gauc_drop=0.02),
-        )
-        blessed = latest_artifact(root, "ModelBlessing").custom_properties["blessed"].int_value
-        print(f"[2/5] TFX pipeline run {seed + 1} ({model}, seed {seed}): "
-              f"{'blessed and pushed' if blessed else 'NOT blessed, not pushed'}", flush=True)
-    metrics = evaluation_metrics(root)
-    for name in sorted(metrics, key=lambda n: (n.count("="), n)):
-        if name.count("=") > 1 and "cold_start" not in name:
-            continue
-        m = metrics[name]
-        print(f"      AUC {m.get('auc', float('nan')):.4f}  GAUC {m.get('gauc', float('nan')):.4f} "
-              f"(users {int(m.get('gauc_users', 0))}, skipped {int(m.get('gauc_users_skipped', 0))})  "
-              f"log loss {m.get('binary_crossentropy', float('nan')):.4f}  calibration {m.get('calibration', float('nan')):.3f}  "
-              f"n={int(m.get('example_count', 0))}  {name or 'overall'}")
-
-    versions = pushed_versions(serving_base)
-    if len(versions) < 2:
-        raise RuntimeError(f"expected two pushed versions under {serving_base}, found {versions}")
-    stable, canary = versions[-2], versions[-1]
+    stable, canary = versions[0], versions[-1]
     config_file = os.path.join(workdir, "serving", "models.config")
     with open(config_file, "w") as f:
         f.write(model_config_text(serving_base, stable, canary))
@@ -227,36 +283,108 @@ def run(workdir: str, source: str = FIVE_DOMAINS, model: str = "dnn_multi", user
         os.remove(assignment_log)
     with _process(["serve", "--model-config-file", config_file, "--port", str(serve_port), "--host", "127.0.0.1"],
                   serve_target, "xdctr serve"):
-        print(f"[3/5] xdctr serve at {serve_target}: model {MODEL_NAME}, versions stable={stable} canary={canary}",
-              flush=True)
-        served = client.predict_examples(serve_target, MODEL_NAME, serialized[:num_scores])
-        expected = local_scores(os.path.join(serving_base, str(canary)), serialized[:num_scores])
-        max_diff = float(np.max(np.abs(served - expected)))
-        print(f"[4/5] Predict through tensorflow_serving.apis PredictionServiceStub ({len(served)} eval examples):")
-        print("      served_ctr  in_process_ctr  label")
-        for s, e, y in zip(served, expected, labels):
-            print(f"      {s:.6f}    {e:.6f}        {y}")
-        print(f"      max |served - in-process| = {max_diff:.2e}", flush=True)
-        if max_diff > 1e-5:
-            raise RuntimeError(f"served scores differ from the in-process model's by {max_diff}")
+        with stages.stage(f"xdctr serve at {serve_target}: Predict through the TF Serving client stubs") as say:
+            say(f"model {MODEL_NAME}: version {stable} (label stable), version {canary} (label canary)")
+            served = client.predict_examples(serve_target, MODEL_NAME, serialized[:num_scores])
+            expected = local_scores(os.path.join(serving_base, str(canary)), serialized[:num_scores])
+            max_diff = float(np.max(np.abs(served - expected)))
+            say("served_ctr  in_process_ctr  label")
+            for s, e, y in zip(served, expected, labels):
+                say(f"{s:.6f}    {e:.6f}        {y}")
+            say(f"max |served - in-process| = {max_diff:.2e} over {len(served)} eval examples")
+            if max_diff > 1e-5:
+                raise RuntimeError(f"served scores differ from the in-process model's by {max_diff}")
 
-        with _process(["route", "--config", experiment, "--port", str(route_port), "--host", "127.0.0.1",
-                       "--assignment-log", assignment_log], route_target, "xdctr route"):
-            by_user = {}
-            for s in serialized:
-                by_user.setdefault(feature_of([s], F.USER_ID)[0], s)
-            users_sent = list(by_user.items())[:routed_users]
-            for _, example in users_sent:
-                client.predict_examples(route_target, MODEL_NAME, [example])
-        with open(assignment_log) as f:
-            assignments = [json.loads(line) for line in f]
-    arms = {}
-    for a in assignments:
-        arms.setdefault(a["arm"], set()).add(a["model_version"])
-    counts = {arm: sum(1 for a in assignments if a["arm"] == arm) for arm in sorted(arms)}
-    print(f"[5/5] xdctr route, 2-arm experiment (50/50 by user, salt demo-1): {len(assignments)} requests of "
-          f"{len(users_sent)} users: " + ", ".join(f"{arm}={n} (version {sorted(arms[arm])})" for arm, n in counts.items()))
-    print(f"      assignment log: {assignment_log}; total {time.time() - started:.0f}s")
-    return {"metrics": metrics, "served": served, "expected": expected, "versions": (stable, canary),
-            "version_dirs": [os.path.join(serving_base, str(v)) for v in (stable, canary)],
-            "assignments": assignments, "new_versions": sorted(set(versions) - set(versions_before))}
+        with stages.stage("xdctr route: a 2-arm A/B test, 50/50 by user (salt demo-1)") as say:
+            with _process(["route", "--config", experiment, "--port", str(route_port), "--host", "127.0.0.1",
+                           "--assignment-log", assignment_log], route_target, "xdctr route"):
+                by_user = {}
+                for s in serialized:
+                    by_user.setdefault(feature_of([s], F.USER_ID)[0], s)
+                users_sent = list(by_user.items())[:routed_users]
+                for _, example in users_sent:
+                    client.predict_examples(route_target, MODEL_NAME, [example])
+            with open(assignment_log) as f:  # complete once the router has stopped
+                assignments = [json.loads(line) for line in f]
+            arms = {}
+            for a in assignments:
+                arms.setdefault(a["arm"], set()).add(a["model_version"])
+            counts = {arm: sum(1 for a in assignments if a["arm"] == arm) for arm in sorted(arms)}
+            say(f"{len(assignments)} requests of {len(users_sent)} users: "
+                + ", ".join(f"{arm}={n} (version {sorted(arms[arm])})" for arm, n in counts.items()))
+            say(f"assignment log: {assignment_log}")
+    return {"served": served, "expected": expected, "versions": (stable, canary), "assignments": assignments}
+
+
+def run(workdir: str, source: str = FOOD_KITCHEN, baseline: str = BASELINE, candidate: str = CANDIDATE,
+        candidate_config: Optional[dict] = None, users: int = 300, train_steps: int = 1000, epochs: int = 1,
+        eval_fraction: float = 0.1, max_gauc_drop: float = 0.0, num_scores: int = 8, routed_users: int = 200) -> dict:
+    """The main job; returns what it measured and served (the end-to-end test reads it).
+
+    `eval_fraction` is the latest share of the events the models are evaluated on; 0.1 keeps
+    TFMA's two-model evaluation of food-kitchen within the demo's time budget. The candidate is
+    blessed when its GAUC in every domain is at least the baseline's minus `max_gauc_drop`."""
+    from components.evaluation import report
+    from components.evaluation.eval_config import Thresholds
+    from pipeline import local_runner
+
+    stages = Stages(total=7)
+    root = os.path.join(workdir, "pipeline")
+    serving_base = os.path.join(workdir, "serving", MODEL_NAME)
+    for fresh in (root, os.path.dirname(serving_base)):
+        shutil.rmtree(fresh, ignore_errors=True)
+    with stages.stage(f"click logs ({source})") as say:
+        logs = _logs(workdir, source, users, say)
+
+    runs = ((baseline, {}, "the current model (a baseline)"),
+            (candidate, dict(candidate_config or {}), "a cross-domain candidate"))
+    blessed = {}
+    for seed, (model, config, role) in enumerate(runs):
+        with stages.stage(f"TFX pipeline: {model}, {role}") as say:
+            local_runner.run(
+                root, pipeline_name="xdctr-demo", input_pattern=logs, serving_model_dir=serving_base, model_name=model,
+                model_config=config, train_steps=train_steps, eval_steps=20, eval_fraction=eval_fraction,
+                training={"batch_size": 256, "learning_rate": 1e-3, "seed": seed, "epochs": epochs},
+                thresholds=Thresholds(min_auc=0.5, min_gauc=0.5, max_gauc_drop=max_gauc_drop),
+            )
+            blessed[model] = _is_blessed(root)
+            versions = pushed_versions(serving_base)
+            rule = ("AUC and GAUC >= 0.5" if not seed else
+                    f"GAUC in every domain >= the blessed {baseline}'s" + (f" - {max_gauc_drop}" if max_gauc_drop else ""))
+            say(f"{'blessed and pushed as version ' + str(versions[-1]) if blessed[model] else 'NOT blessed, not pushed'}"
+                f" ({rule})")
+
+    with stages.stage(f"evaluation: {baseline} vs {candidate} on the same eval split (TFMA)") as say:
+        candidate_metrics = evaluation_metrics(root, "candidate")
+        baseline_metrics = evaluation_metrics(root, "baseline")
+        table = side_by_side(baseline_metrics, candidate_metrics, baseline, candidate)
+        for line in table.splitlines():
+            say(line)
+        comparison = os.path.join(workdir, "comparison.txt")
+        with open(comparison, "w") as f:
+            f.write(table + "\n")
+        say(f"cold start: no earlier click in the target domain, some in the other; written to {comparison}")
+
+    versions = pushed_versions(serving_base)
+    if not versions:
+        raise RuntimeError(f"no model was blessed and pushed under {serving_base}")
+    serving_model = candidate if blessed[candidate] else baseline
+    with stages.stage(f"HTML report of the serving model ({serving_model}, version {versions[-1]})") as say:
+        examples_uri = latest_artifact(root, "Examples").uri
+        report_dir = os.path.join(workdir, "report")
+        report.evaluate(os.path.join(serving_base, str(versions[-1])),
+                        os.path.join(examples_uri, f"Split-{F.EVAL_SPLIT}", "*.gz"), report_dir, name=serving_model)
+        say(f"{os.path.join(report_dir, report.REPORT_FILE)} (metrics.json, ROC, calibration and GAUC plots)")
+
+    served = _serve_and_route(workdir, root, serving_base, versions, num_scores, routed_users, stages)
+    print("\nsummary", flush=True)
+    print(stages.summary(), flush=True)
+    overall_b, overall_c = baseline_metrics.get("", {}), candidate_metrics.get("", {})
+    print(f"{candidate} vs {baseline}: AUC {overall_c.get('auc', float('nan')):.4f} vs "
+          f"{overall_b.get('auc', float('nan')):.4f}, GAUC {overall_c.get('gauc', float('nan')):.4f} vs "
+          f"{overall_b.get('gauc', float('nan')):.4f}; {candidate} "
+          f"{'blessed: it serves as canary' if blessed[candidate] else 'not blessed: the baseline keeps serving'}",
+          flush=True)
+    return {"metrics": candidate_metrics, "baseline_metrics": baseline_metrics, "blessed": blessed,
+            "version_dirs": [os.path.join(serving_base, str(v)) for v in versions], "new_versions": versions,
+            "report_dir": report_dir, **served}
