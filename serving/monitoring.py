@@ -24,6 +24,7 @@ Logs: `log_event(logger, level, event, **fields)` logs one event with named fiel
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import http.server
 import json
@@ -42,6 +43,15 @@ UNLOAD = "unload"
 
 _EVENT = "xdctr_event"
 _FIELDS = "xdctr_fields"
+
+
+@dataclasses.dataclass
+class RequestLabels:
+    """What a request resolved to, for its metrics (filled in as it is resolved)."""
+
+    model: str = ""
+    version: str = ""
+    signature: str = ""
 
 
 class ServingMetrics:

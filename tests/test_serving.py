@@ -36,7 +36,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from serving import client, monitoring, server
+from serving import admin, client, inference, loader, monitoring, server, versions
 from serving.config import ServerOptions
 from xdctr import features as F
 
@@ -162,7 +162,7 @@ def base_path(tmp_path_factory):
     save_toy_model(base / "1", scale=1.0)
     save_toy_model(base / "2", scale=2.0)  # the latest loadable version
     (base / "3").mkdir()
-    (base / "3" / server.SAVED_MODEL_FILE).write_bytes(b"not a saved model")  # corrupt: never served
+    (base / "3" / loader.SAVED_MODEL_FILE).write_bytes(b"not a saved model")  # corrupt: never served
     (base / "4").mkdir()  # no saved_model.pb: never served
     (base / "latest").mkdir()  # not an integer: ignored
     return base
@@ -221,8 +221,8 @@ def test_predict_by_version_or_label(stub, choice, expected_version):
 
 
 def test_loads_every_valid_version(running):
-    assert sorted(running.model_server.loaded_versions(MODEL_NAME)) == [1, 2]
-    assert running.model_server.labels(MODEL_NAME) == {"stable": 1, "canary": 2}
+    assert sorted(running.model_server.manager.loaded_versions(MODEL_NAME)) == [1, 2]
+    assert running.model_server.manager.labels(MODEL_NAME) == {"stable": 1, "canary": 2}
 
 
 def test_empty_signature_name_means_serving_default(stub):
@@ -367,7 +367,7 @@ def test_unexpected_exception_is_internal_and_server_keeps_running(stub, running
     def explode(request, labels=None, deadline=None):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(running.model_server, "predict", explode)
+    monkeypatch.setattr(running.model_server.inference, "predict", explode)
     with pytest.raises(grpc.RpcError) as info:
         stub.Predict(predict_request(), timeout=10)
     assert info.value.code() == grpc.StatusCode.INTERNAL
@@ -381,13 +381,13 @@ def test_unexpected_exception_is_internal_and_server_keeps_running(stub, running
 
 
 def test_get_model_metadata_signature_def(stub):
-    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=[server.SIGNATURE_DEF_FIELD])
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=[inference.SIGNATURE_DEF_FIELD])
     request.model_spec.name = MODEL_NAME
     request.model_spec.version_label = "stable"
     response = stub.GetModelMetadata(request, timeout=10)
     assert response.model_spec.version.value == 1
     signature_defs = get_model_metadata_pb2.SignatureDefMap()
-    assert response.metadata[server.SIGNATURE_DEF_FIELD].Unpack(signature_defs)
+    assert response.metadata[inference.SIGNATURE_DEF_FIELD].Unpack(signature_defs)
     assert sorted(signature_defs.signature_def) == sorted([F.SERVING_SIGNATURE, CLASSIFY_SIGNATURE, REGRESS_SIGNATURE])
     signature = signature_defs.signature_def[F.SERVING_SIGNATURE]
     assert list(signature.inputs) == [F.SERVING_INPUT]
@@ -416,7 +416,7 @@ def test_get_model_status_lists_every_version_with_its_error(model_stub):
         assert statuses[version].status.error_code == grpc.StatusCode.OK.value[0]
     assert statuses[4].state == END
     assert statuses[4].status.error_code == grpc.StatusCode.NOT_FOUND.value[0]
-    assert server.SAVED_MODEL_FILE in statuses[4].status.error_message
+    assert loader.SAVED_MODEL_FILE in statuses[4].status.error_message
     assert statuses[3].state == END
     assert statuses[3].status.error_code != grpc.StatusCode.OK.value[0]
     assert statuses[3].status.error_message
@@ -583,7 +583,7 @@ def test_log_event_is_one_json_line_with_fields():
 
 
 def reload_request(running) -> model_management_pb2.ReloadConfigRequest:
-    return model_management_pb2.ReloadConfigRequest(config=running.model_server.config)
+    return model_management_pb2.ReloadConfigRequest(config=running.model_server.manager.config)
 
 
 @pytest.mark.parametrize("metadata", [None, (("authorization", "Bearer wrong"),), (("authorization", ADMIN_TOKEN),)])
@@ -598,29 +598,19 @@ def test_reload_config_with_the_token_from_loopback(running, model_stub):
     metadata = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
     response = model_stub.HandleReloadConfigRequest(reload_request(running), metadata=metadata, timeout=10)
     assert response.status.error_code == grpc.StatusCode.OK.value[0]
-    assert sorted(running.model_server.loaded_versions(MODEL_NAME)) == [1, 2]
-
-
-class FakeContext:
-    def __init__(self, peer, metadata=()):
-        self._peer, self._metadata = peer, metadata
-
-    def peer(self):
-        return self._peer
-
-    def invocation_metadata(self):
-        return self._metadata
+    assert sorted(running.model_server.manager.loaded_versions(MODEL_NAME)) == [1, 2]
 
 
 def test_admin_rpcs_are_refused_from_remote_peers_unless_allowed(running):
-    remote = FakeContext("ipv4:10.1.2.3:5555", (("authorization", f"Bearer {ADMIN_TOKEN}"),))
-    local_only = server.ModelServicer(running.model_server, admin_token=ADMIN_TOKEN)
-    assert "loopback" in local_only.admin_denial(remote)
-    allowed = server.ModelServicer(running.model_server, admin_token=ADMIN_TOKEN, allow_remote_admin=True)
-    assert allowed.admin_denial(remote) is None
-    assert "Bearer" in allowed.admin_denial(FakeContext("ipv4:10.1.2.3:5555"))
-    no_token = server.ModelServicer(running.model_server)
-    assert no_token.admin_denial(FakeContext("ipv6:[::1]:5555")) is None
+    manager = running.model_server.manager
+    remote, token = "ipv4:10.1.2.3:5555", {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    local_only = admin.ModelAdmin(manager, admin_token=ADMIN_TOKEN)
+    assert "loopback" in local_only.admin_denial(remote, token)
+    allowed = admin.ModelAdmin(manager, admin_token=ADMIN_TOKEN, allow_remote_admin=True)
+    assert allowed.admin_denial(remote, token) is None
+    assert "Bearer" in allowed.admin_denial(remote, {})
+    no_token = admin.ModelAdmin(manager)
+    assert no_token.admin_denial("ipv6:[::1]:5555", {}) is None
 
 
 @pytest.mark.parametrize(
@@ -639,7 +629,7 @@ def test_admin_rpcs_are_refused_from_remote_peers_unless_allowed(running):
     ],
 )
 def test_is_loopback_peer(peer, loopback):
-    assert server.is_loopback_peer(peer) is loopback
+    assert admin.is_loopback_peer(peer) is loopback
 
 
 # ----------------------------------------------------------------------------------------------
@@ -650,14 +640,14 @@ def test_stop_lets_running_requests_finish(base_path, monkeypatch):
     running = server.start(ServerOptions(model_name=MODEL_NAME, model_base_path=str(base_path), max_workers=2,
                                          file_system_poll_wait_seconds=0.0))
     started = threading.Event()
-    real_predict = running.model_server.predict
+    real_predict = running.model_server.inference.predict
 
     def slow_predict(request, labels=None, deadline=None):
         started.set()
         time.sleep(0.5)
         return real_predict(request, labels=labels, deadline=deadline)
 
-    monkeypatch.setattr(running.model_server, "predict", slow_predict)
+    monkeypatch.setattr(running.model_server.inference, "predict", slow_predict)
     results = {}
     with grpc.insecure_channel(running.target) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -743,8 +733,7 @@ def test_options_from_args_rejects_bad_combinations(flags, detail):
 def test_start_server_serves_every_version(base_path):
     grpc_server, port, model_server = server.start_server(MODEL_NAME, str(base_path), port=0, max_workers=2)
     try:
-        assert sorted(model_server.versions) == [1, 2]
-        assert model_server.version == 2
+        assert sorted(model_server.manager.loaded_versions(MODEL_NAME)) == [1, 2]
         np.testing.assert_allclose(
             client.predict_examples(f"127.0.0.1:{port}", MODEL_NAME, serialize(XS), version=1), sigmoid(XS), rtol=1e-6
         )
@@ -755,9 +744,9 @@ def test_start_server_serves_every_version(base_path):
 def test_no_valid_version_raises_value_error(tmp_path, caplog):
     (tmp_path / "1").mkdir()  # no saved_model.pb
     (tmp_path / "2").mkdir()
-    (tmp_path / "2" / server.SAVED_MODEL_FILE).write_bytes(b"garbage")
+    (tmp_path / "2" / loader.SAVED_MODEL_FILE).write_bytes(b"garbage")
     (tmp_path / "notes").mkdir()
-    with caplog.at_level(logging.WARNING, logger=server.__name__):
+    with caplog.at_level(logging.WARNING, logger=versions.__name__):
         with pytest.raises(ValueError, match=r"<version>/saved_model\.pb") as info:
             server.start_server(MODEL_NAME, str(tmp_path))
     message = str(info.value)

@@ -21,6 +21,7 @@ from serving.batching import (
     TaskTooLargeError,
 )
 from serving.config import ServerOptions
+from serving.status import ServingError
 from test_serving import MODEL_NAME, metric_value, predict_request, save_toy_model, scores_of, sigmoid
 from xdctr import features as F
 
@@ -279,15 +280,15 @@ def test_batched_results_equal_unbatched_under_concurrency(batching_server, plai
 
 
 def test_request_over_max_batch_size_is_invalid_argument(batching_server):
-    with pytest.raises(server.ServingError) as info:
-        batching_server.model_server.predict(predict_request(np.zeros(65, dtype=np.float32)))
+    with pytest.raises(ServingError) as info:
+        batching_server.model_server.inference.predict(predict_request(np.zeros(65, dtype=np.float32)))
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "Task size 65 is larger than maximum input batch size 64" in info.value.message
 
 
 def test_full_batch_queue_is_unavailable(batching_server, monkeypatch):
     """TF Serving answers UNAVAILABLE when the batch queue is full (a retryable status)."""
-    scheduler = batching_server.model_server.batch_scheduler
+    scheduler = batching_server.model_server.inference.scheduler
 
     def full(*args, **kwargs):
         raise BatchQueueFullError("The batch scheduling queue to which this task was submitted is full")
@@ -306,9 +307,9 @@ def test_signatures_with_fixed_batch_run_unbatched(tmp_path):
     running = server.start(ServerOptions(model_name=MODEL_NAME, model_base_path=str(tmp_path), enable_batching=True,
                                          file_system_poll_wait_seconds=0.0))
     try:
-        loaded = running.model_server.loaded_versions(MODEL_NAME)[1]
+        loaded = running.model_server.manager.loaded_versions(MODEL_NAME)[1]
         assert loaded.batchable == {F.SERVING_SIGNATURE}
-        response = running.model_server.predict(predict_request([0.25], signature="first_row"))
+        response = running.model_server.inference.predict(predict_request([0.25], signature="first_row"))
         np.testing.assert_allclose(scores_of(response), sigmoid([0.25]), rtol=1e-6)
     finally:
         running.stop(0)

@@ -1,0 +1,365 @@
+"""Prediction on loaded versions: Predict, Classify, Regress and GetModelMetadata, as TF Serving runs them.
+
+`Inference` takes TF Serving's request protos and returns its response protos; it raises
+`ServingError` with TF Serving's status code and message for what it refuses. The frontends
+(`serving.grpc_frontend`, `serving.rest`) only translate. With dynamic batching on, calls of a
+batchable signature go through the `serving.batching` scheduler; warmup requests run alone.
+"""
+
+from __future__ import annotations
+
+from concurrent import futures
+from typing import Mapping, Optional
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    model_pb2,
+    predict_pb2,
+    regression_pb2,
+)
+
+from serving import warmup
+from serving.batching import (
+    BatchingError,
+    BatchingOptions,
+    BatchQueueFullError,
+    BatchScheduler,
+    SchedulerStoppedError,
+    TaskTooLargeError,
+)
+from serving.loader import LoadedVersion
+from serving.monitoring import RequestLabels, ServingMetrics
+from serving.status import ServingError
+from serving.tensors import RequestLimits, decode_inputs, encode_tensor, serialized_examples
+from serving.versions import VersionManager
+from xdctr import features as F
+
+SIGNATURE_DEF_FIELD = "signature_def"  # the only GetModelMetadata field TF Serving supports
+
+
+def _signature_text(signature_def: meta_graph_pb2.SignatureDef) -> str:
+    return text_format.MessageToString(signature_def, as_one_line=True)
+
+
+def _response_spec(model_name: str, version: int, signature_name: str = "") -> model_pb2.ModelSpec:
+    spec = model_pb2.ModelSpec(name=model_name, signature_name=signature_name)
+    spec.version.value = version
+    return spec
+
+
+class Inference:
+    """The PredictionService's methods on the versions `manager` serves.
+
+    Args:
+      manager: resolves each request's model spec to a loaded version.
+      metrics: rows per signature run go to its batch-size histogram.
+      batching: dynamic batching knobs; None serves each request alone.
+      limits: request size limits.
+    """
+
+    def __init__(self, manager: VersionManager, metrics: ServingMetrics, batching: Optional[BatchingOptions],
+                 limits: RequestLimits):
+        self.manager = manager
+        self.metrics = metrics
+        self.limits = limits
+        self.scheduler = BatchScheduler(batching, on_batch=self._on_batch) if batching is not None else None
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Runs the queued batches and stops the batch threads."""
+        if self.scheduler is not None:
+            self.scheduler.stop(timeout)
+
+    def replay_warmup(self, model_name: str, loaded: LoadedVersion) -> int:
+        """Runs a fresh version's warmup requests (unbatched); returns how many ran."""
+        return warmup.replay_warmup(
+            loaded.path,
+            predict=lambda request: self._predict_on(model_name, loaded, request, batch=False),
+            classify=lambda request: self._classify_on(model_name, loaded, request, batch=False),
+            regress=lambda request: self._regress_on(model_name, loaded, request, batch=False),
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Running a signature.
+
+    def _on_batch(self, key, rows: int) -> None:
+        model_name, version, signature_name = key[:3]
+        self.metrics.observe_batch(model_name, str(version), signature_name, rows)
+
+    def _run(
+        self,
+        model_name: str,
+        loaded: LoadedVersion,
+        signature_name: str,
+        inputs: Mapping[str, np.ndarray],
+        deadline: Optional[float],
+        batch: bool,
+    ) -> dict[str, np.ndarray]:
+        """Runs a signature, through the batch scheduler when batching is on and it is batchable."""
+        signature = loaded.signatures[signature_name]
+        if not (batch and self.scheduler is not None and signature.batchable):
+            outputs = signature.run(inputs)
+            # Rows scored: the outputs' batch dimension (inputs may differ, e.g. one context
+            # example and N candidates in score_candidates).
+            rows = max((len(a) for a in outputs.values() if np.ndim(a)), default=1)
+            self.metrics.observe_batch(model_name, str(loaded.version), signature_name, rows)
+            return outputs
+        sizes = {array.shape[0] for array in inputs.values()}
+        if len(sizes) != 1:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Batching Run() input tensors must have equal 0th-dimension size; got {sorted(sizes)}",
+            )
+        layout = tuple((name, array.dtype.str, array.shape[1:]) for name, array in sorted(inputs.items()))
+        key = (model_name, loaded.version, signature_name, layout)
+        try:
+            future = self.scheduler.submit(key, signature.run, inputs, sizes.pop())
+        except TaskTooLargeError as e:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except (BatchQueueFullError, SchedulerStoppedError) as e:
+            raise ServingError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        try:
+            return future.result(timeout=deadline)
+        except futures.TimeoutError:
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded while waiting for a batch.") from None
+        except BatchingError as e:
+            raise ServingError(grpc.StatusCode.INTERNAL, str(e)) from None
+
+    # ----------------------------------------------------------------------------------------
+    # Predict.
+
+    def predict(
+        self,
+        request: predict_pb2.PredictRequest,
+        labels: Optional[RequestLabels] = None,
+        deadline: Optional[float] = None,
+    ) -> predict_pb2.PredictResponse:
+        """Runs one signature on the request's input tensors (TF Serving's Predict).
+
+        `deadline` is the seconds a batched request may wait; `labels` collects what the request
+        resolved to.
+        """
+        model_name, loaded = self.manager.resolve(request.model_spec, labels)
+        return self._predict_on(model_name, loaded, request, labels, deadline)
+
+    def _predict_on(self, model_name, loaded, request, labels=None, deadline=None, batch=True):
+        signature_name = request.model_spec.signature_name or F.SERVING_SIGNATURE
+        signature = loaded.signatures.get(signature_name)
+        if signature is None:
+            raise ServingError(
+                grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{signature_name}" not found.'
+            )
+        if labels is not None:
+            labels.signature = signature_name
+
+        sent, required = set(request.inputs), set(signature.input_specs)
+        if sent != required:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Inputs do not match signature {signature_name!r}. "
+                f"Sent extra: {sorted(sent - required)}. Missing but required: {sorted(required - sent)}.",
+            )
+        output_names = signature.output_names
+        for name in request.output_filter:
+            if name not in output_names:
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"Output tensor alias {name!r} not found in signature {signature_name!r}; "
+                    f"outputs are {sorted(output_names)}.",
+                )
+        if len(set(request.output_filter)) != len(request.output_filter):
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"Duplicate output tensor alias in {list(request.output_filter)}."
+            )
+        inputs = decode_inputs(request.inputs, signature.input_specs, signature_name, self.limits)
+        outputs = self._run(model_name, loaded, signature_name, inputs, deadline, batch)
+        response = predict_pb2.PredictResponse(model_spec=_response_spec(model_name, loaded.version, signature_name))
+        for name in request.output_filter or output_names:
+            response.outputs[name].CopyFrom(encode_tensor(outputs[name]))
+        return response
+
+    # ----------------------------------------------------------------------------------------
+    # Classify and Regress.
+
+    @staticmethod
+    def _example_signature(loaded, request, labels, api: str, input_key: str, check_outputs) -> str:
+        """Checks a Classify/Regress signature like TF Serving (method_name check off); returns its name."""
+        signature_name = request.model_spec.signature_name or F.SERVING_SIGNATURE
+        signature_def = loaded.signature_defs.get(signature_name)
+        if signature_def is None or signature_name not in loaded.signatures:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"No signature was found with the name: {signature_name}"
+            )
+        if labels is not None:
+            labels.signature = signature_name
+        if len(signature_def.inputs) != 1:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Expected one input Tensor.")
+        check_outputs(signature_def)
+        if input_key not in signature_def.inputs:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"No {api} inputs found in SignatureDef: {_signature_text(signature_def)}",
+            )
+        if signature_def.inputs[input_key].dtype != tf.string.as_datatype_enum:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Input {input_key!r} of signature {signature_name!r} must be DT_STRING serialized tf.Examples.",
+            )
+        return signature_name
+
+    def classify(self, request, labels=None, deadline=None) -> classification_pb2.ClassificationResponse:
+        """TF Serving's Classify: tf.Examples in, per-example classes and/or scores out.
+
+        The signature needs one DT_STRING input "inputs" and outputs "classes" and/or "scores",
+        each (batch, num_classes); xdctr's `serving_default` ("examples" in, "ctr" out) does not
+        qualify and gets TF Serving's INVALID_ARGUMENT.
+        """
+        model_name, loaded = self.manager.resolve(request.model_spec, labels)
+        return self._classify_on(model_name, loaded, request, labels, deadline)
+
+    def _classify_on(self, model_name, loaded, request, labels=None, deadline=None, batch=True):
+        classes_key, scores_key = tf.saved_model.CLASSIFY_OUTPUT_CLASSES, tf.saved_model.CLASSIFY_OUTPUT_SCORES
+
+        def check_outputs(signature_def):
+            if len(signature_def.outputs) not in (1, 2):
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"Expected one or two output Tensors, found {len(signature_def.outputs)}",
+                )
+
+        signature_name = self._example_signature(
+            loaded, request, labels, "classification", tf.saved_model.CLASSIFY_INPUTS, check_outputs
+        )
+        signature_def = loaded.signature_defs[signature_name]
+        if classes_key not in signature_def.outputs and scores_key not in signature_def.outputs:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f'Expected classification signature outputs to contain at least one of "{classes_key}" or '
+                f'"{scores_key}". Signature was: {_signature_text(signature_def)}',
+            )
+        examples = serialized_examples(request.input, self.limits)
+        outputs = self._run(
+            model_name, loaded, signature_name, {tf.saved_model.CLASSIFY_INPUTS: examples}, deadline, batch
+        )
+        classes, scores = outputs.get(classes_key), outputs.get(scores_key)
+        num_examples = len(examples)
+        for name, value, kind in ((classes_key, classes, np.object_), (scores_key, scores, np.float32)):
+            if value is None:
+                continue
+            if value.ndim != 2:
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"Expected Tensor shape: [batch_size num_classes] but got {list(value.shape)}",
+                )
+            if value.dtype != kind:
+                expected = "DT_STRING" if kind is np.object_ else "DT_FLOAT"
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"Expected {name} Tensor of {expected}. Got: {value.dtype}"
+                )
+            if value.shape[0] != num_examples:
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"Expected {name} output batch size of {num_examples}. Got: {value.shape[0]}",
+                )
+        if classes is not None and scores is not None and classes.shape[1] != scores.shape[1]:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Tensors class and score should match in dim_size(1). Got {classes.shape[1]} vs. {scores.shape[1]}",
+            )
+        num_classes = (classes if classes is not None else scores).shape[1]
+        response = classification_pb2.ClassificationResponse(
+            model_spec=_response_spec(model_name, loaded.version, request.model_spec.signature_name)
+        )
+        for i in range(num_examples):
+            classifications = response.result.classifications.add()
+            for c in range(num_classes):
+                entry = classifications.classes.add()
+                if classes is not None:
+                    entry.label = classes[i, c].decode("utf-8", "backslashreplace")
+                if scores is not None:
+                    entry.score = float(scores[i, c])
+        return response
+
+    def regress(self, request, labels=None, deadline=None) -> regression_pb2.RegressionResponse:
+        """TF Serving's Regress: tf.Examples in, one float per example out.
+
+        The signature needs one DT_STRING input "inputs" and one output "outputs", (batch,) or
+        (batch, 1); xdctr's `serving_default` does not qualify (INVALID_ARGUMENT, as TF Serving).
+        """
+        model_name, loaded = self.manager.resolve(request.model_spec, labels)
+        return self._regress_on(model_name, loaded, request, labels, deadline)
+
+    def _regress_on(self, model_name, loaded, request, labels=None, deadline=None, batch=True):
+        outputs_key = tf.saved_model.REGRESS_OUTPUTS
+
+        def check_outputs(signature_def):
+            if len(signature_def.outputs) != 1:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Expected one output Tensor.")
+
+        signature_name = self._example_signature(
+            loaded, request, labels, "regression", tf.saved_model.REGRESS_INPUTS, check_outputs
+        )
+        signature_def = loaded.signature_defs[signature_name]
+        if outputs_key not in signature_def.outputs:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"No regression outputs found in SignatureDef: {_signature_text(signature_def)}",
+            )
+        examples = serialized_examples(request.input, self.limits)
+        outputs = self._run(
+            model_name, loaded, signature_name, {tf.saved_model.REGRESS_INPUTS: examples}, deadline, batch
+        )
+        values = outputs[outputs_key]
+        if not (values.ndim == 1 or (values.ndim == 2 and values.shape[1] == 1)):
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got {list(values.shape)}",
+            )
+        if values.shape[0] != len(examples):
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Input batch size did not match output batch size: {len(examples)} vs. {values.shape[0]}",
+            )
+        if values.dtype != np.float32:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"Expected output Tensor of DT_FLOAT.  Got: {values.dtype}")
+        response = regression_pb2.RegressionResponse(
+            model_spec=_response_spec(model_name, loaded.version, request.model_spec.signature_name)
+        )
+        for value in values.reshape(-1):
+            response.result.regressions.add(value=float(value))
+        return response
+
+    # ----------------------------------------------------------------------------------------
+    # GetModelMetadata.
+
+    def get_model_metadata(
+        self,
+        request: get_model_metadata_pb2.GetModelMetadataRequest,
+        labels: Optional[RequestLabels] = None,
+        deadline: Optional[float] = None,
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        """The signature_def map of the requested version (TF Serving's GetModelMetadata)."""
+        del deadline  # answered from memory
+        model_name, loaded = self.manager.resolve(request.model_spec, labels)
+        if not request.metadata_field:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"GetModelMetadataRequest must specify at least one metadata_field: {SIGNATURE_DEF_FIELD!r}.",
+            )
+        for field in request.metadata_field:
+            if field != SIGNATURE_DEF_FIELD:
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"Metadata field {field!r} is not supported; supported: {SIGNATURE_DEF_FIELD!r}.",
+                )
+        signature_def_map = get_model_metadata_pb2.SignatureDefMap()
+        for name, signature_def in loaded.signature_defs.items():
+            signature_def_map.signature_def[name].CopyFrom(signature_def)
+        response = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=_response_spec(model_name, loaded.version))
+        response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_def_map)
+        return response
