@@ -1,5 +1,8 @@
 """The gRPC frontend: TF Serving's PredictionService and ModelService, and gRPC health checking.
 
+Health checking answers SERVING for "" (the server), for each service's full name and for each
+model name with a version available.
+
 The servicers translate between gRPC and the layers below (`serving.inference`,
 `serving.admin`): a `ServingError` becomes its status code, any other exception INTERNAL (logged
 with its trace), and every PredictionService call is counted and timed in the metrics.
@@ -23,6 +26,10 @@ from serving.monitoring import RequestLabels
 from serving.status import status_of
 
 logger = logging.getLogger(__name__)
+
+# Health-check names of the services ("tensorflow.serving.PredictionService", ...), SERVING while up.
+# (tensorflow_serving.apis' model_service_pb2, which declares them, does not import with protobuf 6.)
+SERVICE_NAMES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
 
 
 def seconds_left(context) -> Optional[float]:
@@ -62,6 +69,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def Regress(self, request, context):
         return self._call("regress", self.inference.regress, request, context)
+
+    def MultiInference(self, request, context):
+        return self._call("multi_inference", self.inference.multi_inference, request, context)
 
     def GetModelMetadata(self, request, context):
         return self._call("get_model_metadata", self.inference.get_model_metadata, request, context)

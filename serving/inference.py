@@ -1,4 +1,4 @@
-"""Prediction on loaded versions: Predict, Classify, Regress and GetModelMetadata, as TF Serving runs them.
+"""Prediction on loaded versions: Predict, Classify, Regress, MultiInference, GetModelMetadata, as TF Serving.
 
 `Inference` takes TF Serving's request protos and returns its response protos; it raises
 `ServingError` with TF Serving's status code and message for what it refuses. The frontends
@@ -19,6 +19,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
+    inference_pb2,
     model_pb2,
     predict_pb2,
     regression_pb2,
@@ -41,6 +42,7 @@ from serving.versions import VersionManager
 from xdctr import features as F
 
 SIGNATURE_DEF_FIELD = "signature_def"  # the only GetModelMetadata field TF Serving supports
+CLASSIFY_METHOD, REGRESS_METHOD = tf.saved_model.CLASSIFY_METHOD_NAME, tf.saved_model.REGRESS_METHOD_NAME
 
 
 def _signature_text(signature_def: meta_graph_pb2.SignatureDef) -> str:
@@ -82,6 +84,7 @@ class Inference:
             predict=lambda request: self._predict_on(model_name, loaded, request, batch=False),
             classify=lambda request: self._classify_on(model_name, loaded, request, batch=False),
             regress=lambda request: self._regress_on(model_name, loaded, request, batch=False),
+            multi_inference=lambda request: self._multi_inference_on(model_name, loaded, request, batch=False),
         )
 
     # ----------------------------------------------------------------------------------------
@@ -102,7 +105,10 @@ class Inference:
     ) -> dict[str, np.ndarray]:
         """Runs a signature, through the batch scheduler when batching is on and it is batchable."""
         signature = loaded.signatures[signature_name]
-        if not (batch and self.scheduler is not None and signature.batchable):
+        # Scalars cannot be concatenated: such a call of a batchable signature runs alone.
+        batched = batch and self.scheduler is not None and signature.batchable and all(
+            np.ndim(array) >= 1 for array in inputs.values())
+        if not batched:
             outputs = signature.run(inputs)
             # Rows scored: the outputs' batch dimension (inputs may differ, e.g. one context
             # example and N candidates in score_candidates).
@@ -184,19 +190,17 @@ class Inference:
         return response
 
     # ----------------------------------------------------------------------------------------
-    # Classify and Regress.
+    # Classify, Regress and MultiInference: serialized tf.Examples in.
 
     @staticmethod
-    def _example_signature(loaded, request, labels, api: str, input_key: str, check_outputs) -> str:
+    def _example_signature(loaded, signature_name: str, api: str, input_key: str, check_outputs) -> str:
         """Checks a Classify/Regress signature like TF Serving (method_name check off); returns its name."""
-        signature_name = request.model_spec.signature_name or F.SERVING_SIGNATURE
+        signature_name = signature_name or F.SERVING_SIGNATURE
         signature_def = loaded.signature_defs.get(signature_name)
         if signature_def is None or signature_name not in loaded.signatures:
             raise ServingError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"No signature was found with the name: {signature_name}"
             )
-        if labels is not None:
-            labels.signature = signature_name
         if len(signature_def.inputs) != 1:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Expected one input Tensor.")
         check_outputs(signature_def)
@@ -212,17 +216,7 @@ class Inference:
             )
         return signature_name
 
-    def classify(self, request, labels=None, deadline=None) -> classification_pb2.ClassificationResponse:
-        """TF Serving's Classify: tf.Examples in, per-example classes and/or scores out.
-
-        The signature needs one DT_STRING input "inputs" and outputs "classes" and/or "scores",
-        each (batch, num_classes); xdctr's `serving_default` ("examples" in, "ctr" out) does not
-        qualify and gets TF Serving's INVALID_ARGUMENT.
-        """
-        model_name, loaded = self.manager.resolve(request.model_spec, labels)
-        return self._classify_on(model_name, loaded, request, labels, deadline)
-
-    def _classify_on(self, model_name, loaded, request, labels=None, deadline=None, batch=True):
+    def _classification_signature(self, loaded, signature_name: str) -> str:
         classes_key, scores_key = tf.saved_model.CLASSIFY_OUTPUT_CLASSES, tf.saved_model.CLASSIFY_OUTPUT_SCORES
 
         def check_outputs(signature_def):
@@ -232,9 +226,8 @@ class Inference:
                     f"Expected one or two output Tensors, found {len(signature_def.outputs)}",
                 )
 
-        signature_name = self._example_signature(
-            loaded, request, labels, "classification", tf.saved_model.CLASSIFY_INPUTS, check_outputs
-        )
+        signature_name = self._example_signature(loaded, signature_name, "classification",
+                                                 tf.saved_model.CLASSIFY_INPUTS, check_outputs)
         signature_def = loaded.signature_defs[signature_name]
         if classes_key not in signature_def.outputs and scores_key not in signature_def.outputs:
             raise ServingError(
@@ -242,7 +235,29 @@ class Inference:
                 f'Expected classification signature outputs to contain at least one of "{classes_key}" or '
                 f'"{scores_key}". Signature was: {_signature_text(signature_def)}',
             )
-        examples = serialized_examples(request.input, self.limits)
+        return signature_name
+
+    def _regression_signature(self, loaded, signature_name: str) -> str:
+        outputs_key = tf.saved_model.REGRESS_OUTPUTS
+
+        def check_outputs(signature_def):
+            if len(signature_def.outputs) != 1:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Expected one output Tensor.")
+
+        signature_name = self._example_signature(loaded, signature_name, "regression", tf.saved_model.REGRESS_INPUTS,
+                                                 check_outputs)
+        signature_def = loaded.signature_defs[signature_name]
+        if outputs_key not in signature_def.outputs:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"No regression outputs found in SignatureDef: {_signature_text(signature_def)}",
+            )
+        return signature_name
+
+    def _classify_examples(self, result: classification_pb2.ClassificationResult, model_name, loaded,
+                           signature_name: str, examples: np.ndarray, deadline, batch) -> None:
+        """Runs a classification signature on serialized examples into `result`."""
+        classes_key, scores_key = tf.saved_model.CLASSIFY_OUTPUT_CLASSES, tf.saved_model.CLASSIFY_OUTPUT_SCORES
         outputs = self._run(
             model_name, loaded, signature_name, {tf.saved_model.CLASSIFY_INPUTS: examples}, deadline, batch
         )
@@ -272,49 +287,22 @@ class Inference:
                 f"Tensors class and score should match in dim_size(1). Got {classes.shape[1]} vs. {scores.shape[1]}",
             )
         num_classes = (classes if classes is not None else scores).shape[1]
-        response = classification_pb2.ClassificationResponse(
-            model_spec=_response_spec(model_name, loaded.version, request.model_spec.signature_name)
-        )
         for i in range(num_examples):
-            classifications = response.result.classifications.add()
+            classifications = result.classifications.add()
             for c in range(num_classes):
                 entry = classifications.classes.add()
                 if classes is not None:
                     entry.label = classes[i, c].decode("utf-8", "backslashreplace")
                 if scores is not None:
                     entry.score = float(scores[i, c])
-        return response
 
-    def regress(self, request, labels=None, deadline=None) -> regression_pb2.RegressionResponse:
-        """TF Serving's Regress: tf.Examples in, one float per example out.
-
-        The signature needs one DT_STRING input "inputs" and one output "outputs", (batch,) or
-        (batch, 1); xdctr's `serving_default` does not qualify (INVALID_ARGUMENT, as TF Serving).
-        """
-        model_name, loaded = self.manager.resolve(request.model_spec, labels)
-        return self._regress_on(model_name, loaded, request, labels, deadline)
-
-    def _regress_on(self, model_name, loaded, request, labels=None, deadline=None, batch=True):
-        outputs_key = tf.saved_model.REGRESS_OUTPUTS
-
-        def check_outputs(signature_def):
-            if len(signature_def.outputs) != 1:
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Expected one output Tensor.")
-
-        signature_name = self._example_signature(
-            loaded, request, labels, "regression", tf.saved_model.REGRESS_INPUTS, check_outputs
-        )
-        signature_def = loaded.signature_defs[signature_name]
-        if outputs_key not in signature_def.outputs:
-            raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"No regression outputs found in SignatureDef: {_signature_text(signature_def)}",
-            )
-        examples = serialized_examples(request.input, self.limits)
+    def _regress_examples(self, result: regression_pb2.RegressionResult, model_name, loaded, signature_name: str,
+                          examples: np.ndarray, deadline, batch) -> None:
+        """Runs a regression signature on serialized examples into `result`."""
         outputs = self._run(
             model_name, loaded, signature_name, {tf.saved_model.REGRESS_INPUTS: examples}, deadline, batch
         )
-        values = outputs[outputs_key]
+        values = outputs[tf.saved_model.REGRESS_OUTPUTS]
         if not (values.ndim == 1 or (values.ndim == 2 and values.shape[1] == 1)):
             raise ServingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -327,11 +315,95 @@ class Inference:
             )
         if values.dtype != np.float32:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"Expected output Tensor of DT_FLOAT.  Got: {values.dtype}")
+        for value in values.reshape(-1):
+            result.regressions.add(value=float(value))
+
+    def classify(self, request, labels=None, deadline=None) -> classification_pb2.ClassificationResponse:
+        """TF Serving's Classify: tf.Examples in, per-example classes and/or scores out.
+
+        The signature needs one DT_STRING input "inputs" and outputs "classes" and/or "scores",
+        each (batch, num_classes); xdctr's `serving_default` ("examples" in, "ctr" out) does not
+        qualify and gets TF Serving's INVALID_ARGUMENT.
+        """
+        model_name, loaded = self.manager.resolve(request.model_spec, labels)
+        return self._classify_on(model_name, loaded, request, labels, deadline)
+
+    def _classify_on(self, model_name, loaded, request, labels=None, deadline=None, batch=True):
+        signature_name = self._classification_signature(loaded, request.model_spec.signature_name)
+        if labels is not None:
+            labels.signature = signature_name
+        examples = serialized_examples(request.input, self.limits)
+        response = classification_pb2.ClassificationResponse(
+            model_spec=_response_spec(model_name, loaded.version, request.model_spec.signature_name)
+        )
+        self._classify_examples(response.result, model_name, loaded, signature_name, examples, deadline, batch)
+        return response
+
+    def regress(self, request, labels=None, deadline=None) -> regression_pb2.RegressionResponse:
+        """TF Serving's Regress: tf.Examples in, one float per example out.
+
+        The signature needs one DT_STRING input "inputs" and one output "outputs", (batch,) or
+        (batch, 1); xdctr's `serving_default` does not qualify (INVALID_ARGUMENT, as TF Serving).
+        """
+        model_name, loaded = self.manager.resolve(request.model_spec, labels)
+        return self._regress_on(model_name, loaded, request, labels, deadline)
+
+    def _regress_on(self, model_name, loaded, request, labels=None, deadline=None, batch=True):
+        signature_name = self._regression_signature(loaded, request.model_spec.signature_name)
+        if labels is not None:
+            labels.signature = signature_name
+        examples = serialized_examples(request.input, self.limits)
         response = regression_pb2.RegressionResponse(
             model_spec=_response_spec(model_name, loaded.version, request.model_spec.signature_name)
         )
-        for value in values.reshape(-1):
-            response.result.regressions.add(value=float(value))
+        self._regress_examples(response.result, model_name, loaded, signature_name, examples, deadline, batch)
+        return response
+
+    def multi_inference(self, request, labels=None, deadline=None) -> inference_pb2.MultiInferenceResponse:
+        """TF Serving's MultiInference: several classify/regress signatures of one model on the same examples.
+
+        Every task names the same model (its version is the first task's); each signature once;
+        `method_name` is "tensorflow/serving/classify" or "tensorflow/serving/regress".
+        """
+        if not request.tasks:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Expected at least one task")
+        model_name, loaded = self.manager.resolve(request.tasks[0].model_spec, labels)
+        return self._multi_inference_on(model_name, loaded, request, labels, deadline)
+
+    def _multi_inference_on(self, model_name, loaded, request, labels=None, deadline=None, batch=True):
+        kinds = {CLASSIFY_METHOD: self._classification_signature, REGRESS_METHOD: self._regression_signature}
+        seen: set[str] = set()
+        plan = []
+        for task in request.tasks:
+            if not task.model_spec.name:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Found ModelSpec with an empty model name.")
+            if task.model_spec.name != model_name:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+            signature_name = task.model_spec.signature_name or F.SERVING_SIGNATURE
+            if signature_name in seen:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"Duplicate evaluation of signature: {signature_name}")
+            seen.add(signature_name)
+            if signature_name not in loaded.signature_defs:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"Requested signature not found in model graph: {signature_name}")
+            if task.method_name not in kinds:
+                raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
+                                   f"Unsupported signature method_name: {task.method_name}")
+            plan.append((task, kinds[task.method_name](loaded, signature_name)))
+        if labels is not None:
+            labels.signature = ",".join(name for _, name in plan)
+        examples = serialized_examples(request.input, self.limits)
+        response = inference_pb2.MultiInferenceResponse()
+        for task, signature_name in plan:
+            result = response.results.add(
+                model_spec=_response_spec(model_name, loaded.version, task.model_spec.signature_name))
+            if task.method_name == CLASSIFY_METHOD:
+                self._classify_examples(result.classification_result, model_name, loaded, signature_name, examples,
+                                        deadline, batch)
+            else:
+                self._regress_examples(result.regression_result, model_name, loaded, signature_name, examples,
+                                       deadline, batch)
         return response
 
     # ----------------------------------------------------------------------------------------
@@ -345,7 +417,6 @@ class Inference:
     ) -> get_model_metadata_pb2.GetModelMetadataResponse:
         """The signature_def map of the requested version (TF Serving's GetModelMetadata)."""
         del deadline  # answered from memory
-        model_name, loaded = self.manager.resolve(request.model_spec, labels)
         if not request.metadata_field:
             raise ServingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -357,6 +428,7 @@ class Inference:
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"Metadata field {field!r} is not supported; supported: {SIGNATURE_DEF_FIELD!r}.",
                 )
+        model_name, loaded = self.manager.resolve(request.model_spec, labels)  # after the fields, as TF Serving
         signature_def_map = get_model_metadata_pb2.SignatureDefMap()
         for name, signature_def in loaded.signature_defs.items():
             signature_def_map.signature_def[name].CopyFrom(signature_def)

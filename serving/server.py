@@ -55,6 +55,7 @@ from serving.config import (
     parse_model_server_config,
     read_model_server_config,
 )
+from serving.grpc_frontend import SERVICE_NAMES
 from serving.grpc_frontend import grpc_server as build_grpc_server
 from serving.inference import Inference
 from serving.monitoring import MetricsHTTPServer, ServingMetrics, configure_json_logging, log_event
@@ -283,7 +284,8 @@ def _start(options: ServerOptions, config: model_server_config_pb2.ModelServerCo
         model_server.close(timeout=5.0)
         raise
     grpc_server.start()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    for service in ("", *SERVICE_NAMES):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     poller = _Poller(model_server, options, config if options.model_config_file else None)
     running = RunningServer(options, grpc_server, port, model_server, health_servicer, poller, metrics_http)
     log_event(

@@ -60,19 +60,28 @@ class VersionState:
     message: str = ""
 
 
+MAX_VERSION = 2**63 - 1  # versions are int64
 AVAILABLE = VersionState(State.AVAILABLE)
 UNLOADED = VersionState(State.END)
 
 
+def parse_version(name: str) -> Optional[int]:
+    """The version a directory name gives, or None: TF Serving takes names that parse as int64 >= 0."""
+    if not (name.isascii() and name.isdigit()):
+        return None
+    version = int(name)
+    return version if version <= MAX_VERSION else None
+
+
 def version_dirs(base_path: str) -> dict[int, str]:
-    """version -> directory for every integer-named subdirectory of `base_path`."""
+    """version -> directory for every subdirectory of `base_path` named by a version number."""
     found: dict[int, str] = {}
     for name in sorted(tf.io.gfile.listdir(base_path)):
         name = name.rstrip("/")  # object stores list directories as "name/"
         path = join(base_path, name)
-        if not name.isdigit() or not tf.io.gfile.isdir(path):
+        version = parse_version(name)
+        if version is None or not tf.io.gfile.isdir(path):
             continue
-        version = int(name)
         if version in found:
             logger.warning("Skipping %s: version %d is already given by %s.", path, version, found[version])
             continue
@@ -195,10 +204,14 @@ class VersionManager:
     def reload_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
         """Applies a ModelServerConfig, all or nothing (see the module docstring).
 
-        Raises ServingError: INVALID_ARGUMENT for a malformed config, UNKNOWN for a new model
-        without a loadable version, FAILED_PRECONDITION for a label naming a version that is not
-        loaded.
+        Raises ServingError: INVALID_ARGUMENT for a malformed config or a new model whose base
+        path does not exist, NOT_FOUND for one without version directories, UNKNOWN for one whose
+        versions all fail to load, FAILED_PRECONDITION for a label naming a version that is not
+        loaded. An empty config (no `model_config_list`) changes nothing, as in TF Serving.
         """
+        if config.WhichOneof("config") is None:
+            log_event(logger, logging.INFO, "empty_config_ignored")
+            return
         try:
             validate_model_server_config(config)
         except ValueError as e:
@@ -212,7 +225,7 @@ class VersionManager:
                 target = self._plan(model, model_config.model_version_policy)
                 if not target and not model.versions:
                     self._discard(staged, model, target)
-                    raise ServingError(grpc.StatusCode.UNKNOWN, self._unavailable_reason(model))
+                    raise self._unavailable(model)
                 staged[model.name] = (model, target or model.versions)
             labels: dict[str, dict[str, int]] = {}
             for model_config in config.model_config_list.config:
@@ -362,21 +375,31 @@ class VersionManager:
                 if version not in m.versions:
                     m.states[version] = UNLOADED
 
-    def _unavailable_reason(self, model: _Model) -> str:
+    @staticmethod
+    def _unavailable(model: _Model) -> ServingError:
+        """Why a new model has no version to serve, with TF Serving's codes."""
         expected = f"expected {join(model.base_path, '<version>')}/{SAVED_MODEL_FILE} with an integer <version>"
         if not tf.io.gfile.isdir(model.base_path):
-            return (
-                f"Model {model.name} did not become available: "
-                f"base path {model.base_path} is not a directory; {expected}."
+            return ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"Could not find base path {model.base_path} for servable {model.name}; {expected}.")
+        try:
+            found = version_dirs(model.base_path)
+        except tf.errors.OpError:
+            found = {}
+        if not found:
+            return ServingError(
+                grpc.StatusCode.NOT_FOUND,
+                f"Unable to find a numerical version path for servable {model.name} at: {model.base_path}; {expected}.",
             )
         failures = "; ".join(
             f"version {v}: {s.code.name}: {s.message}"
             for v, s in sorted(model.states.items())
             if s.code != grpc.StatusCode.OK
         )
-        return (
+        return ServingError(
+            grpc.StatusCode.UNKNOWN,
             f"Model {model.name} did not become available: no loadable version under {model.base_path}"
-            f"{' (' + failures + ')' if failures else ''}; {expected}."
+            f"{' (' + failures + ')' if failures else ''}; {expected}.",
         )
 
     def _warn_unloaded_labels(self, model: _Model) -> None:

@@ -398,9 +398,10 @@ def test_get_model_metadata_signature_def(stub):
 
 
 @pytest.mark.parametrize("fields, detail", [(["no_such_field"], "no_such_field"), ([], "at least one metadata_field")])
-def test_get_model_metadata_rejects_other_fields(stub, fields, detail):
+@pytest.mark.parametrize("model", [MODEL_NAME, "no_such_model"])
+def test_get_model_metadata_rejects_other_fields_before_looking_up_the_model(stub, fields, detail, model):
     request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=fields)
-    request.model_spec.name = MODEL_NAME
+    request.model_spec.name = model
     with pytest.raises(grpc.RpcError) as info:
         stub.GetModelMetadata(request, timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -513,7 +514,7 @@ def test_classify_and_regress_refuse_like_tf_serving(stub, api, signature, examp
 
 def test_health_check_serving(running, channel):
     health_stub = health_pb2_grpc.HealthStub(channel)
-    for service in ("", MODEL_NAME):
+    for service in ("", MODEL_NAME, "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
         response = health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert response.status == health_pb2.HealthCheckResponse.SERVING
     client.wait_until_serving(running.target, timeout=5.0, service=MODEL_NAME)  # returns without raising
@@ -757,5 +758,5 @@ def test_no_valid_version_raises_value_error(tmp_path, caplog):
 
 
 def test_missing_base_path_raises_value_error(tmp_path):
-    with pytest.raises(ValueError, match="not a directory"):
+    with pytest.raises(ValueError, match=f"Could not find base path {tmp_path / 'missing'} for servable {MODEL_NAME}"):
         server.start_server(MODEL_NAME, str(tmp_path / "missing"))

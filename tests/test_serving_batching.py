@@ -308,7 +308,7 @@ def test_signatures_with_fixed_batch_run_unbatched(tmp_path):
                                          file_system_poll_wait_seconds=0.0))
     try:
         loaded = running.model_server.manager.loaded_versions(MODEL_NAME)[1]
-        assert loaded.batchable == {F.SERVING_SIGNATURE}
+        assert {name for name, signature in loaded.signatures.items() if signature.batchable} == {F.SERVING_SIGNATURE}
         response = running.model_server.inference.predict(predict_request([0.25], signature="first_row"))
         np.testing.assert_allclose(scores_of(response), sigmoid([0.25]), rtol=1e-6)
     finally:

@@ -167,6 +167,30 @@ def test_corrupt_version_is_ignored_and_half_written_version_is_picked_up_when_c
         running.stop(0)
 
 
+@pytest.mark.parametrize("name, version", [("7", 7), ("00000123", 123), (str(2**63 - 1), 2**63 - 1),
+                                           (str(2**63), None), ("99999999999999999999", None), ("-1", None),
+                                           ("\u0663", None), ("1a", None), ("", None)])
+def test_version_directory_names_are_int64(name, version):
+    assert versions.parse_version(name) == version
+
+
+def test_version_directory_beyond_int64_is_ignored(templates, tmp_path):
+    """TF Serving ignores names that do not parse as int64; they must not unload the good version."""
+    base = new_base(tmp_path)
+    push(templates, base, 1, 1)
+    push(templates, base, "99999999999999999999", 2)
+    running = server.start(ServerOptions(model_name=MODEL_NAME, model_base_path=str(base),
+                                         file_system_poll_wait_seconds=0.0))
+    try:
+        running.poll()
+        assert list(running.model_server.manager.version_states(MODEL_NAME)) == [1]
+        response = running.model_server.inference.predict(predict_request())
+        assert response.model_spec.version.value == 1
+        np.testing.assert_allclose(scores_of(response), sigmoid(XS), rtol=1e-6)
+    finally:
+        running.stop(0)
+
+
 def test_vanished_base_path_keeps_the_loaded_versions(templates, tmp_path):
     base = new_base(tmp_path)
     push(templates, base, 1, 1)
@@ -258,10 +282,15 @@ def test_reload_config_rpc_adds_and_removes_models_and_checks_labels(templates, 
                     grpc.StatusCode.FAILED_PRECONDITION,
                     "label to version 1",
                 ),
-                "a new model without versions": (
+                "a new model whose base path is missing": (
                     two_models_config(base_a, tmp_path / "missing"),
-                    grpc.StatusCode.UNKNOWN,
-                    "did not become available: base path",
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"Could not find base path {tmp_path / 'missing'} for servable {OTHER_MODEL}",
+                ),
+                "a new model without version directories": (
+                    two_models_config(base_a, new_base(tmp_path, "empty")),
+                    grpc.StatusCode.NOT_FOUND,
+                    f"Unable to find a numerical version path for servable {OTHER_MODEL}",
                 ),
                 "a relative base path": (
                     model_config_text(MODEL_NAME, "relative/path"),
@@ -279,6 +308,9 @@ def test_reload_config_rpc_adds_and_removes_models_and_checks_labels(templates, 
                     reload(model_stub, text)
                 assert (info.value.code(), what) == (code, what)
                 assert detail in info.value.details(), what
+            # An empty request changes nothing, as in TF Serving.
+            empty = model_management_pb2.ReloadConfigRequest()
+            assert model_stub.HandleReloadConfigRequest(empty, timeout=30).status.error_code == 0
             # Nothing of the refused configs was applied.
             assert model_server.manager.labels(OTHER_MODEL) == labels
             assert sorted(model_server.manager.loaded_versions(OTHER_MODEL)) == [1, 2]
