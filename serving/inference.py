@@ -329,14 +329,18 @@ class Inference:
         return self._classify_on(model_name, loaded, request, labels, deadline)
 
     def _classify_on(self, model_name, loaded, request, labels=None, deadline=None, batch=True):
-        signature_name = self._classification_signature(loaded, request.model_spec.signature_name)
+        return self._on_examples(classification_pb2.ClassificationResponse, self._classification_signature,
+                                 self._classify_examples, model_name, loaded, request, labels, deadline, batch)
+
+    def _on_examples(self, response_type, signature_of, run_into, model_name, loaded, request, labels, deadline,
+                     batch):
+        """Classify or Regress: checks the signature, runs it on the request's examples, fills the response."""
+        signature_name = signature_of(loaded, request.model_spec.signature_name)
         if labels is not None:
             labels.signature = signature_name
         examples = serialized_examples(request.input, self.limits)
-        response = classification_pb2.ClassificationResponse(
-            model_spec=_response_spec(model_name, loaded.version, request.model_spec.signature_name)
-        )
-        self._classify_examples(response.result, model_name, loaded, signature_name, examples, deadline, batch)
+        response = response_type(model_spec=_response_spec(model_name, loaded.version, request.model_spec.signature_name))
+        run_into(response.result, model_name, loaded, signature_name, examples, deadline, batch)
         return response
 
     def regress(self, request, labels=None, deadline=None) -> regression_pb2.RegressionResponse:
@@ -349,15 +353,8 @@ class Inference:
         return self._regress_on(model_name, loaded, request, labels, deadline)
 
     def _regress_on(self, model_name, loaded, request, labels=None, deadline=None, batch=True):
-        signature_name = self._regression_signature(loaded, request.model_spec.signature_name)
-        if labels is not None:
-            labels.signature = signature_name
-        examples = serialized_examples(request.input, self.limits)
-        response = regression_pb2.RegressionResponse(
-            model_spec=_response_spec(model_name, loaded.version, request.model_spec.signature_name)
-        )
-        self._regress_examples(response.result, model_name, loaded, signature_name, examples, deadline, batch)
-        return response
+        return self._on_examples(regression_pb2.RegressionResponse, self._regression_signature,
+                                 self._regress_examples, model_name, loaded, request, labels, deadline, batch)
 
     def multi_inference(self, request, labels=None, deadline=None) -> inference_pb2.MultiInferenceResponse:
         """TF Serving's MultiInference: several classify/regress signatures of one model on the same examples.

@@ -34,6 +34,7 @@ from tensorflow_serving.apis import (
 from serving import server, warmup
 from serving.batching import BatchingOptions
 from serving.config import ServerOptions
+from test_serving import channel, stub  # noqa: F401 (fixtures on this module's `running`)
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "tf_serving"
 VERSION = 123
@@ -67,17 +68,6 @@ def running(tmp_path_factory):
                                          max_workers=4))
     yield running
     running.stop(0)
-
-
-@pytest.fixture(scope="module")
-def channel(running):
-    with grpc.insecure_channel(running.target) as channel:
-        yield channel
-
-
-@pytest.fixture(scope="module")
-def stub(channel):
-    return prediction_service_pb2_grpc.PredictionServiceStub(channel)
 
 
 def predict_request(model: str, xs, shape=None, output_filter=("y",), signature="") -> predict_pb2.PredictRequest:
