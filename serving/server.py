@@ -9,6 +9,7 @@ against TF Serving works unchanged (and vice versa). The layers, as TF Serving's
 - `serving.inference`: Predict, Classify, Regress, GetModelMetadata on a loaded version;
 - `serving.admin`: ModelService (GetModelStatus, HandleReloadConfigRequest and its checks);
 - `serving.grpc_frontend`: the gRPC services (PredictionService, ModelService, health);
+- `serving.rest`, `serving.rest_json`: TF Serving's REST API and its JSON formats;
 - this module: starting and stopping it all, polling, and the `xdctr serve` flags.
 
 Status codes are TF Serving's: INVALID_ARGUMENT for bad tensors, wrong dtype or shape, unknown
@@ -50,6 +51,7 @@ from serving.config import (
     DEFAULT_MAX_REQUEST_ELEMENTS,
     DEFAULT_MAX_REQUEST_ROWS,
     DEFAULT_MODEL_NAME,
+    DEFAULT_REST_API_TIMEOUT_MS,
     MAX_MESSAGE_BYTES,
     ServerOptions,
     parse_model_server_config,
@@ -59,6 +61,7 @@ from serving.grpc_frontend import SERVICE_NAMES
 from serving.grpc_frontend import grpc_server as build_grpc_server
 from serving.inference import Inference
 from serving.monitoring import MetricsHTTPServer, ServingMetrics, configure_json_logging, log_event
+from serving.rest import RestApi, RestServer
 from serving.status import ServingError, one_line
 from serving.tensors import RequestLimits
 from serving.versions import VersionManager
@@ -173,25 +176,35 @@ class _Poller:
 
 
 class RunningServer:
-    """A started server: `port`, `monitoring_port`, `model_server`; `stop(grace)`, `reload_config()`."""
+    """A started server: `port`, `rest_port`, `monitoring_port`, `model_server`; `stop(grace)`, `reload_config()`."""
 
-    def __init__(self, options, grpc_server, port, model_server, health_servicer, poller, metrics_http):
+    def __init__(self, options, grpc_server, port, model_server, health_servicer, poller, metrics_http, rest):
         self.options = options
         self.grpc_server = grpc_server
         self.port = port
         self.model_server = model_server
         self.monitoring_port = metrics_http.port if metrics_http is not None else None
+        self.rest_port = rest.port if rest is not None else None
         self._health = health_servicer
         self._poller = poller
         self._metrics_http = metrics_http
+        self._rest = rest
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
 
     @property
     def target(self) -> str:
-        """The "host:port" clients on this machine connect to."""
-        host = self.options.host if self.options.host not in ("0.0.0.0", "::", "[::]", "") else "127.0.0.1"
-        return _address(host, self.port)
+        """The "host:port" gRPC clients on this machine connect to."""
+        return _address(self._local_host, self.port)
+
+    @property
+    def rest_url(self) -> Optional[str]:
+        """"http://host:port" of the REST API for clients on this machine (None without it)."""
+        return None if self.rest_port is None else f"http://{_address(self._local_host, self.rest_port)}"
+
+    @property
+    def _local_host(self) -> str:
+        return self.options.host if self.options.host not in ("0.0.0.0", "::", "[::]", "") else "127.0.0.1"
 
     def poll(self) -> None:
         """Looks for new versions now (besides the periodic polls)."""
@@ -218,6 +231,8 @@ class RunningServer:
             log_event(logger, logging.INFO, "server_stopping", port=self.port, grace_seconds=grace)
             self._health.enter_graceful_shutdown()  # health checks answer NOT_SERVING while draining
             self._poller.stop(timeout=grace + 5.0)
+            if self._rest is not None:
+                self._rest.stop(grace)
             self.grpc_server.stop(grace).wait(grace + 5.0)
             self.model_server.close(timeout=grace + 5.0)
             if self._metrics_http is not None:
@@ -264,8 +279,9 @@ def _start(options: ServerOptions, config: model_server_config_pb2.ModelServerCo
         admin_token=options.admin_token,
         allow_remote_admin=options.allow_remote_admin,
     )
-    metrics_http, grpc_server = None, None
+    metrics_http, grpc_server, rest = None, None, None
     try:
+        rest_metrics_path = options.metrics_path_on_rest_port()  # a bad monitoring config fails before loading
         model_server.manager.load_config(config)
         grpc_server = build_grpc_server(model_server.inference, model_server.admin, health_servicer,
                                         options.max_workers, options.max_request_bytes)
@@ -278,16 +294,21 @@ def _start(options: ServerOptions, config: model_server_config_pb2.ModelServerCo
             raise ValueError(f"Cannot bind the scoring server to {address}.")
         if options.monitoring_port is not None:
             metrics_http = MetricsHTTPServer(metrics, options.monitoring_host, options.monitoring_port)
+        if options.rest_api_port is not None:
+            api = RestApi(model_server.inference, model_server.admin, options.rest_api_timeout_in_ms / 1000.0)
+            rest = RestServer(api, options.host, options.rest_api_port, rest_metrics_path, options.max_request_bytes)
     except BaseException:
         if grpc_server is not None:
             grpc_server.stop(None)  # frees a port already bound
+        if metrics_http is not None:
+            metrics_http.stop()
         model_server.close(timeout=5.0)
         raise
     grpc_server.start()
     for service in ("", *SERVICE_NAMES):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     poller = _Poller(model_server, options, config if options.model_config_file else None)
-    running = RunningServer(options, grpc_server, port, model_server, health_servicer, poller, metrics_http)
+    running = RunningServer(options, grpc_server, port, model_server, health_servicer, poller, metrics_http, rest)
     log_event(
         logger,
         logging.INFO,
@@ -296,6 +317,7 @@ def _start(options: ServerOptions, config: model_server_config_pb2.ModelServerCo
         models={name: sorted(model_server.manager.loaded_versions(name)) for name in model_server.manager.model_names},
         batching=None if batching is None else dataclasses.asdict(batching),
         monitoring=None if metrics_http is None else f"http://{_address(options.monitoring_host, metrics_http.port)}",
+        rest_api=None if rest is None else f"http://{_address(options.host, rest.port)}",
     )
     return running
 
@@ -359,25 +381,50 @@ def serve(
     )
 
 
+def _flag(value: str) -> bool:
+    """A TF Serving bool flag value: true/false (also 1/0, yes/no)."""
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `xdctr serve` flags: tensorflow_model_server's, in kebab case."""
+    """The `xdctr serve` flags: tensorflow_model_server's, in kebab case, and its own spelling as aliases.
+
+    `xdctr serve --port=8500 --rest_api_port=8501 --model_config_file=... --enable_batching=true ...`
+    takes the command line of a TF Serving deployment unchanged.
+    """
     parser.add_argument("--port", type=int, default=8500, help="gRPC port (default 8500)")
-    parser.add_argument("--host", default="0.0.0.0", help="gRPC (and metrics) address to bind (default 0.0.0.0)")
-    parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="served model name with --model-base-path")
-    parser.add_argument("--model-base-path", help="directory with <version>/saved_model.pb (one model)")
+    parser.add_argument("--rest-api-port", "--rest_api_port", type=int, default=0,
+                        help="serve TF Serving's REST API on this port (default 0: off, as in TF Serving)")
+    parser.add_argument("--rest-api-timeout-in-ms", "--rest_api_timeout_in_ms", type=int,
+                        default=DEFAULT_REST_API_TIMEOUT_MS, help="REST requests' deadline (default 30000)")
+    parser.add_argument("--host", default="0.0.0.0", help="gRPC, REST and metrics address to bind (default 0.0.0.0)")
+    parser.add_argument("--model-name", "--model_name", default=DEFAULT_MODEL_NAME,
+                        help="served model name with --model-base-path")
+    parser.add_argument("--model-base-path", "--model_base_path", help="directory with <version>/saved_model.pb (one model)")
     parser.add_argument(
-        "--model-config-file", help="TF Serving ModelServerConfig text file (models, version policies, labels)"
+        "--model-config-file", "--model_config_file",
+        help="TF Serving ModelServerConfig text file (models, version policies, labels)",
     )
     parser.add_argument(
-        "--model-config-file-poll-wait-seconds", type=float, default=0.0,
+        "--model-config-file-poll-wait-seconds", "--model_config_file_poll_wait_seconds", type=float, default=0.0,
         help="re-read --model-config-file this often (default 0: never)",
     )
     parser.add_argument(
-        "--file-system-poll-wait-seconds", type=float, default=DEFAULT_FILE_SYSTEM_POLL_WAIT_SECONDS,
+        "--file-system-poll-wait-seconds", "--file_system_poll_wait_seconds", type=float,
+        default=DEFAULT_FILE_SYSTEM_POLL_WAIT_SECONDS,
         help="look for new model versions this often (default 1; 0: only at start)",
     )
-    parser.add_argument("--enable-batching", action="store_true", help="batch concurrent requests together")
-    parser.add_argument("--batching-parameters-file", help="TF Serving BatchingParameters text file")
+    parser.add_argument("--enable-batching", "--enable_batching", type=_flag, nargs="?", const=True, default=False,
+                        metavar="true|false", help="batch concurrent requests together")
+    parser.add_argument("--batching-parameters-file", "--batching_parameters_file",
+                        help="TF Serving BatchingParameters text file")
+    parser.add_argument("--monitoring-config-file", "--monitoring_config_file",
+                        help="TF Serving MonitoringConfig text file: Prometheus metrics on the REST API port")
     parser.add_argument(
         "--monitoring-port", type=int, default=None,
         help="serve Prometheus metrics at http://HOST:PORT/monitoring/prometheus/metrics (default: off)",
@@ -403,20 +450,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _absolute(path: Optional[str]) -> Optional[str]:
+    return path if path is None or "://" in path else os.path.abspath(path)
+
+
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
     """ServerOptions from parsed `add_arguments` flags; ValueError for a bad combination."""
-    config_file = os.path.abspath(args.model_config_file) if args.model_config_file else None
-    base_path = args.model_base_path
     return ServerOptions(
         port=args.port,
         host=args.host,
         model_name=args.model_name,
-        model_base_path=base_path if base_path is None or "://" in base_path else os.path.abspath(base_path),
-        model_config_file=config_file,
+        model_base_path=_absolute(args.model_base_path),
+        model_config_file=_absolute(args.model_config_file),
         model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
         file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
         enable_batching=args.enable_batching,
         batching_parameters_file=args.batching_parameters_file,
+        rest_api_port=args.rest_api_port or None,  # 0 is off, as in TF Serving
+        rest_api_timeout_in_ms=args.rest_api_timeout_in_ms,
+        monitoring_config_file=args.monitoring_config_file,
         monitoring_port=args.monitoring_port,
         monitoring_host=args.host,
         admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None,

@@ -715,18 +715,48 @@ def test_options_from_args_maps_every_flag(tmp_path):
     assert (options.max_workers, options.grace, options.max_request_rows) == (32, 9.0, 50)
 
 
+@pytest.mark.parametrize("batching_flags, enabled", [
+    (["--enable_batching"], True), (["--enable_batching=true"], True), (["--enable_batching=false"], False),
+    (["--enable-batching"], True), ([], False),
+])
+def test_tf_serving_flag_spellings_are_accepted(batching_flags, enabled):
+    parser = argparse.ArgumentParser()
+    server.add_arguments(parser)
+    args = parser.parse_args(["--port=9000", "--rest_api_port=8501", "--model_name=half", "--model_base_path=/m",
+                              "--file_system_poll_wait_seconds=30", "--rest_api_timeout_in_ms=5000",
+                              "--monitoring_config_file=/c/monitoring.config", *batching_flags])
+    options = server.options_from_args(args)
+    assert (options.port, options.rest_api_port, options.rest_api_timeout_in_ms) == (9000, 8501, 5000)
+    assert (options.model_name, options.model_base_path) == ("half", "/m")
+    assert options.file_system_poll_wait_seconds == 30.0
+    assert options.monitoring_config_file == "/c/monitoring.config"
+    assert options.enable_batching is enabled
+
+
+def test_rest_api_port_0_is_off_as_in_tf_serving():
+    parser = argparse.ArgumentParser()
+    server.add_arguments(parser)
+    assert server.options_from_args(parser.parse_args(["--model_base_path=/m", "--rest_api_port=0"])).rest_api_port is None
+
+
 @pytest.mark.parametrize(
     "flags, detail",
     [
         ([], "exactly one of --model-base-path"),
+        (["--model-base-path", "m", "--monitoring_config_file", "c"], "add --rest_api_port"),
+        (["--model-base-path", "m", "--enable_batching=maybe"], None),
         (["--model-base-path", "m", "--model-config-file", "c"], "exactly one of --model-base-path"),
         (["--model-base-path", "m", "--batching-parameters-file", "b"], "--enable-batching"),
         (["--model-base-path", "m", "--port", "70000"], "port"),
     ],
 )
 def test_options_from_args_rejects_bad_combinations(flags, detail):
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(exit_on_error=False)
     server.add_arguments(parser)
+    if detail is None:  # refused by the parser
+        with pytest.raises(argparse.ArgumentError, match="expected true or false"):
+            parser.parse_args(flags)
+        return
     with pytest.raises(ValueError, match=detail):
         server.options_from_args(parser.parse_args(flags))
 

@@ -11,14 +11,18 @@ way TF Serving's clients do (`float_val`).
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
+import urllib.error
+import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -31,9 +35,10 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from serving import server, warmup
+from serving import rest_json, server, warmup
 from serving.batching import BatchingOptions
 from serving.config import ServerOptions
+from serving.status import ServingError
 from test_serving import channel, stub  # noqa: F401 (fixtures on this module's `running`)
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "tf_serving"
@@ -50,6 +55,7 @@ HALF_PLUS_TWO_MODELS = (HALF_PLUS_TWO, HALF_PLUS_TWO_TF2)
 REGRESS_METHOD, CLASSIFY_METHOD = "tensorflow/serving/regress", "tensorflow/serving/classify"
 PREDICT_METHOD = "tensorflow/serving/predict"
 TIMEOUT = 10.0
+METRICS_PATH = "/monitoring/prometheus/metrics"
 
 
 def models_config(names) -> str:
@@ -62,10 +68,12 @@ def models_config(names) -> str:
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):
-    config_file = tmp_path_factory.mktemp("compat") / "models.config"
+    directory = tmp_path_factory.mktemp("compat")
+    config_file, monitoring_file = directory / "models.config", directory / "monitoring.config"
     config_file.write_text(models_config(MODELS))
+    monitoring_file.write_text(f'prometheus_config {{ enable: true path: "{METRICS_PATH}" }}\n')
     running = server.start(ServerOptions(model_config_file=str(config_file), file_system_poll_wait_seconds=0.0,
-                                         max_workers=4))
+                                         max_workers=4, rest_api_port=0, monitoring_config_file=str(monitoring_file)))
     yield running
     running.stop(0)
 
@@ -313,3 +321,170 @@ def test_warmup_with_tf_serving_requests_loads_the_version(tmp_path):
         assert list(running.model_server.manager.loaded_versions(HALF_PLUS_TWO_TF2)) == [VERSION]
     finally:
         running.stop(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The REST API: TF Serving's tests and docs, and its error answers.
+
+
+def call_rest(running, path: str, body=None) -> tuple[int, dict]:
+    """(HTTP status, parsed JSON body) of GET (body None) or POST `path`; like TF Serving's CallREST."""
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(running.rest_url + path, data=data)
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            assert response.headers["Content-Type"] == "application/json"
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("model", HALF_PLUS_TWO_MODELS)
+@pytest.mark.parametrize("key, answer_key", [("instances", "predictions"), ("inputs", "outputs")])
+def test_rest_predict_row_and_columnar(running, model, key, answer_key):
+    status, answer = call_rest(running, f"/v1/models/{model}:predict", {key: [2.0, 3.0, 4.0]})
+    assert (status, answer) == (200, {answer_key: [3.0, 3.5, 4.0]})
+
+
+def test_rest_predict_half_plus_three_as_the_rest_docs(running):
+    status, answer = call_rest(running, f"/v1/models/{HALF_PLUS_THREE}:predict", {"instances": [1.0, 2.0, 5.0]})
+    assert (status, answer) == (200, {"predictions": [3.5, 4.0, 5.5]})
+
+
+@pytest.mark.parametrize("path", [f"/v1/models/{HALF_PLUS_TWO}/versions/123:predict",
+                                  f"/v1/models/{HALF_PLUS_TWO}:PREDICT", f"/V1/Models/{HALF_PLUS_TWO}:predict"])
+def test_rest_predict_by_version_and_case_insensitive_paths(running, path):
+    status, answer = call_rest(running, path, {"signature_name": "serving_default", "instances": [[1.0], [5.0]]})
+    assert (status, answer) == (200, {"predictions": [[2.5], [4.5]]})
+
+
+@pytest.mark.parametrize("model", HALF_PLUS_TWO_MODELS)
+def test_rest_classify_and_regress(running, model):
+    request = {"signature_name": "classify_x_to_y", "examples": [{"x": 2.0}]}
+    assert call_rest(running, f"/v1/models/{model}:classify", request) == (200, {"results": [[["", 3.0]]]})
+    request = {"signature_name": "regress_x_to_y", "examples": [{"x": 2.0}, {"x": 1.0}]}
+    assert call_rest(running, f"/v1/models/{model}:regress", request) == (200, {"results": [3.0, 2.5]})
+    request = {"signature_name": "regress_x_to_y2", "context": {"x": 4.0}, "examples": [{}, {"x2": 1.0}]}
+    assert call_rest(running, f"/v1/models/{model}:regress", request) == (200, {"results": [5.0, 5.0]})
+
+
+def test_rest_model_status(running):
+    assert call_rest(running, f"/v1/models/{HALF_PLUS_TWO}") == (200, {
+        "model_version_status": [{"version": "123", "state": "AVAILABLE",
+                                  "status": {"error_code": "OK", "error_message": ""}}]})
+    status, answer = call_rest(running, f"/v1/models/{HALF_PLUS_TWO}/versions/123")
+    assert (status, [v["version"] for v in answer["model_version_status"]]) == (200, ["123"])
+
+
+def test_rest_model_metadata_as_tf_serving_writes_it(running):
+    status, answer = call_rest(running, f"/v1/models/{HALF_PLUS_TWO}/metadata")
+    assert status == 200
+    assert answer["model_spec"] == {"name": HALF_PLUS_TWO, "signature_name": "", "version": "123"}
+    signature_defs = answer["metadata"]["signature_def"]["signature_def"]
+    assert set(signature_defs) == {"serving_default", "classify_x_to_y", "regress_x_to_y", "regress_x_to_y2",
+                                   "regress_x2_to_y3"}
+    dim = [{"size": "-1", "name": ""}, {"size": "1", "name": ""}]
+    regress = signature_defs["regress_x2_to_y3"]
+    assert regress["method_name"] == "tensorflow/serving/regress"
+    assert regress["inputs"] == {"inputs": {"dtype": "DT_FLOAT", "tensor_shape": {"dim": dim, "unknown_rank": False},
+                                            "name": "x2:0"}}
+    assert signature_defs["classify_x_to_y"]["inputs"]["inputs"] == {
+        "dtype": "DT_STRING", "tensor_shape": {"dim": [], "unknown_rank": True}, "name": "tf_example:0"}
+
+
+@pytest.mark.parametrize("path, body, status, error", [
+    ("/v1/models/half:predict", {"instances": [1.0, 5.0]}, 404, "Servable not found for request: Latest(half)"),
+    (f"/v1/models/{HALF_PLUS_TWO}/versions/7:predict", {"instances": [1.0]}, 404,
+     f"Servable not found for request: Specific({HALF_PLUS_TWO}, 7)"),
+    (f"/v1/models/{HALF_PLUS_TWO}/labels/nope:predict", {"instances": [1.0]}, 400,
+     "Unrecognized servable version label: nope"),
+    (f"/v1/models/{HALF_PLUS_TWO}:predict", b"{not json", 400, "JSON Parse error"),
+    (f"/v1/models/{HALF_PLUS_TWO}:predict", b"", 400, "JSON Parse error: The document is empty"),
+    (f"/v1/models/{HALF_PLUS_TWO}:predict", {"instances": [1.0], "inputs": [1.0]}, 400,
+     "expecting only one of 'inputs' or 'instances' keys"),
+    (f"/v1/models/{HALF_PLUS_TWO}:predict", {"signature_name": "nope", "instances": [1.0]}, 400,
+     'Serving signature name: "nope" not found in signature def'),
+    (f"/v1/models/{HALF_PLUS_TWO}:predict", {"instances": ["a"]}, 400,
+     'JSON Value: "a" Type: String is not of expected type: float'),
+    (f"/v1/models/{HALF_PLUS_TWO}:predict", {"instances": [[1.0], [1.0, 2.0]]}, 400, "Expecting tensor size: 1"),
+    (f"/v1/models/{HALF_PLUS_TWO}:predict", {"instances": [2**25]}, 400, "without loss of precision"),
+    (f"/v1/models/{HALF_PLUS_TWO}:predict", {"instances": []}, 400, "No values in 'instances' array"),
+    (f"/v1/models/{HALF_PLUS_TWO}:predict", {"x": [1.0]}, 400, "Missing 'inputs' or 'instances' key"),
+    (f"/v1/models/{HALF_PLUS_TWO}:regress", {"signature_name": "regress_x_to_y"}, 400,
+     "key 'examples' is expected and was not found"),
+    (f"/v1/models/{HALF_PLUS_TWO}:classify", {"signature_name": "classify_x_to_y", "examples": [{"x": [1.0, "a"]}]},
+     400, "Unexpected element type in feature: x expecting type: float"),
+    (f"/v1/models/{COUNTER}:predict", {"signature_name": "incr_counter", "inputs": {}}, 400,
+     "Failed to get input map for signature: incr_counter"),
+    ("/v1/modelz/x:predict", {"instances": [1.0]}, 400, "Malformed request: POST /v1/modelz/x:predict"),
+])
+def test_rest_errors_are_tf_serving_json(running, path, body, status, error):
+    answer_status, answer = call_rest(running, path, body)
+    assert answer_status == status
+    assert list(answer) == ["error"] and error in answer["error"]
+
+
+def test_rest_serves_the_metrics_of_the_monitoring_config(running):
+    call_rest(running, f"/v1/models/{HALF_PLUS_TWO}:predict", {"instances": [1.0]})
+    with urllib.request.urlopen(running.rest_url + METRICS_PATH, timeout=TIMEOUT) as response:
+        text = response.read().decode()
+    assert "# TYPE" in text
+    assert f'xdctr_serving_requests_total{{api="predict",model="{HALF_PLUS_TWO}"' in text
+
+
+# ----------------------------------------------------------------------------------------------
+# The REST JSON formats on their own (the REST API docs' examples).
+
+
+def tensor_infos(**dtypes) -> dict:
+    return {name: meta_graph_pb2.TensorInfo(name=f"{name}:0", dtype=dtype) for name, dtype in dtypes.items()}
+
+
+DOC_INPUTS = tensor_infos(tag=types_pb2.DT_STRING, signal=types_pb2.DT_INT32, sensor=types_pb2.DT_FLOAT)
+DOC_ROWS = [{"tag": "foo", "signal": [1, 2, 3, 4, 5], "sensor": [[1, 2], [3, 4]]},
+            {"tag": "bar", "signal": [3, 4, 1, 2, 5], "sensor": [[4, 5], [6, 8]]}]
+DOC_COLUMNS = {"tag": ["foo", "bar"], "signal": [[1, 2, 3, 4, 5], [3, 4, 1, 2, 5]],
+               "sensor": [[[1, 2], [3, 4]], [[4, 5], [6, 8]]]}
+
+
+@pytest.mark.parametrize("document, kind", [({"instances": DOC_ROWS}, rest_json.ROW),
+                                            ({"inputs": DOC_COLUMNS}, rest_json.COLUMNAR)])
+def test_rest_json_row_and_columnar_inputs_give_the_same_tensors(document, kind):
+    request = predict_pb2.PredictRequest()
+    assert rest_json.fill_predict_request(document, request, DOC_INPUTS) == kind
+    arrays = {name: tf.make_ndarray(proto) for name, proto in request.inputs.items()}
+    assert arrays["tag"].tolist() == [b"foo", b"bar"]
+    np.testing.assert_array_equal(arrays["signal"], [[1, 2, 3, 4, 5], [3, 4, 1, 2, 5]])
+    assert arrays["signal"].dtype == np.int32
+    np.testing.assert_allclose(arrays["sensor"], [[[1, 2], [3, 4]], [[4, 5], [6, 8]]])
+
+
+@pytest.mark.parametrize("rows, error", [
+    ([1.0, 2.0], "instances is a plain list, but expecting list of objects"),
+    ([DOC_ROWS[0], {"tag": "x"}], "keys must be equal to: sensor,signal,tag"),
+    ([DOC_ROWS[0], {**DOC_ROWS[1], "signal": [1, 2]}], "Expecting tensor size: 5 but got: 2"),
+    ([{**DOC_ROWS[0], "signal": [1, 2.5, 3, 4, 5]}], "is not of expected type: int32"),
+])
+def test_rest_json_bad_rows(rows, error):
+    with pytest.raises(ServingError) as info:
+        rest_json.fill_predict_request({"instances": rows}, predict_pb2.PredictRequest(), DOC_INPUTS)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and error in info.value.message
+
+
+def test_rest_json_base64_bytes_in_and_out():
+    request = predict_pb2.PredictRequest()
+    rest_json.fill_predict_request({"instances": [{"b64": "aW1hZ2UgYnl0ZXM="}]}, request,
+                                   tensor_infos(image_bytes=types_pb2.DT_STRING))
+    assert tf.make_ndarray(request.inputs["image_bytes"]).tolist() == [b"image bytes"]
+    response = predict_pb2.PredictResponse()
+    response.outputs["label_bytes"].CopyFrom(tf.make_tensor_proto([b"\xff\x00", b"ok"]))
+    response.outputs["scores"].CopyFrom(tf.make_tensor_proto(np.array([[0.1, np.nan], [np.inf, 2.0]], np.float32)))
+    row = rest_json.predict_response_json(response, rest_json.ROW)
+    assert "0.1," in row  # float32 0.1 written as TF Serving writes it, not 0.10000000149011612
+    assert json.loads(row) == {"predictions": [
+        {"label_bytes": {"b64": "/wA="}, "scores": [pytest.approx(0.1), pytest.approx(float("nan"), nan_ok=True)]},
+        {"label_bytes": {"b64": "b2s="}, "scores": [float("inf"), 2.0]}]}
+    columnar = json.loads(rest_json.predict_response_json(response, rest_json.COLUMNAR))
+    assert columnar["outputs"]["label_bytes"] == [{"b64": "/wA="}, {"b64": "b2s="}]
+    assert columnar["outputs"]["scores"][1] == [float("inf"), 2.0]
