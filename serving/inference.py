@@ -4,12 +4,20 @@
 `ServingError` with TF Serving's status code and message for what it refuses. The frontends
 (`serving.grpc_frontend`, `serving.rest`) only translate. With dynamic batching on, calls of a
 batchable signature go through the `serving.batching` scheduler; warmup requests run alone.
+
+Each request is written once, as a generator of *steps* that yields where it needs the model: a
+callable (run the signature now) or a future (this request's rows of a batch), and gets the
+outputs sent back. `run_steps` drives it in the calling thread (the sync methods `predict`, ...,
+the REST frontend, warmup); `run_steps_async` drives it from an asyncio event loop without
+blocking it (the gRPC frontend): callables go to a thread pool, futures are awaited.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from concurrent import futures
-from typing import Mapping, Optional
+from typing import Callable, Generator, Mapping, Optional, Union
 
 import grpc
 import numpy as np
@@ -43,6 +51,50 @@ from xdctr import features as F
 
 SIGNATURE_DEF_FIELD = "signature_def"  # the only GetModelMetadata field TF Serving supports
 CLASSIFY_METHOD, REGRESS_METHOD = tf.saved_model.CLASSIFY_METHOD_NAME, tf.saved_model.REGRESS_METHOD_NAME
+
+
+Step = Union[futures.Future, Callable[[], dict]]  # what a request's steps yield; outputs are sent back
+Steps = Generator[Step, dict, object]
+
+
+def run_steps(steps: Steps, deadline: Optional[float] = None):
+    """Drives a request's steps in this thread: calls the model inline, waits for batches; returns the response."""
+    value = None
+    while True:
+        try:
+            step = steps.send(value)
+        except StopIteration as done:
+            return done.value
+        if not isinstance(step, futures.Future):
+            value = step()
+            continue
+        try:
+            value = step.result(timeout=deadline)
+        except futures.TimeoutError:
+            step.cancel()  # leaves its batch if that has not started
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded while waiting for a batch.") from None
+        except BatchingError as e:
+            raise ServingError(grpc.StatusCode.INTERNAL, str(e)) from None
+
+
+async def run_steps_async(steps: Steps, deadline: Optional[float], executor: futures.Executor):
+    """Drives a request's steps from an event loop: model calls on `executor`, batches awaited."""
+    loop = asyncio.get_running_loop()
+    value = None
+    while True:
+        try:
+            step = steps.send(value)
+        except StopIteration as done:
+            return done.value
+        if not isinstance(step, futures.Future):
+            value = await loop.run_in_executor(executor, step)
+            continue
+        try:
+            value = await asyncio.wait_for(asyncio.wrap_future(step), deadline)  # a timeout cancels `step`
+        except TimeoutError:
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded while waiting for a batch.") from None
+        except BatchingError as e:
+            raise ServingError(grpc.StatusCode.INTERNAL, str(e)) from None
 
 
 def _signature_text(signature_def: meta_graph_pb2.SignatureDef) -> str:
@@ -79,13 +131,29 @@ class Inference:
 
     def replay_warmup(self, model_name: str, loaded: LoadedVersion) -> int:
         """Runs a fresh version's warmup requests (unbatched); returns how many ran."""
+        def alone(steps_on):
+            return lambda request: run_steps(steps_on(model_name, loaded, request, batch=False))
+
         return warmup.replay_warmup(
             loaded.path,
-            predict=lambda request: self._predict_on(model_name, loaded, request, batch=False),
-            classify=lambda request: self._classify_on(model_name, loaded, request, batch=False),
-            regress=lambda request: self._regress_on(model_name, loaded, request, batch=False),
-            multi_inference=lambda request: self._multi_inference_on(model_name, loaded, request, batch=False),
+            predict=alone(self._predict_on),
+            classify=alone(self._classify_on),
+            regress=alone(self._regress_on),
+            multi_inference=alone(self._multi_inference_on),
         )
+
+    def steps(self, api: str, request, labels: Optional[RequestLabels] = None) -> Steps:
+        """The steps of one request; `api` is "predict", "classify", "regress" or "multi_inference"."""
+        on = {"predict": self._predict_on, "classify": self._classify_on, "regress": self._regress_on,
+              "multi_inference": self._multi_inference_on}[api]
+        if api == "multi_inference":  # the first task names the version, as in TF Serving
+            if not request.tasks:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Expected at least one task")
+            spec = request.tasks[0].model_spec
+        else:
+            spec = request.model_spec
+        model_name, loaded = self.manager.resolve(spec, labels)
+        return on(model_name, loaded, request, labels)
 
     # ----------------------------------------------------------------------------------------
     # Running a signature.
@@ -100,21 +168,15 @@ class Inference:
         loaded: LoadedVersion,
         signature_name: str,
         inputs: Mapping[str, np.ndarray],
-        deadline: Optional[float],
         batch: bool,
-    ) -> dict[str, np.ndarray]:
-        """Runs a signature, through the batch scheduler when batching is on and it is batchable."""
+    ) -> Steps:
+        """Runs a signature, through the batch scheduler when batching is on and it is batchable (a step)."""
         signature = loaded.signatures[signature_name]
         # Scalars cannot be concatenated: such a call of a batchable signature runs alone.
         batched = batch and self.scheduler is not None and signature.batchable and all(
             np.ndim(array) >= 1 for array in inputs.values())
         if not batched:
-            outputs = signature.run(inputs)
-            # Rows scored: the outputs' batch dimension (inputs may differ, e.g. one context
-            # example and N candidates in score_candidates).
-            rows = max((len(a) for a in outputs.values() if np.ndim(a)), default=1)
-            self.metrics.observe_batch(model_name, str(loaded.version), signature_name, rows)
-            return outputs
+            return (yield functools.partial(self._run_alone, model_name, loaded.version, signature, inputs))
         sizes = {array.shape[0] for array in inputs.values()}
         if len(sizes) != 1:
             raise ServingError(
@@ -129,12 +191,15 @@ class Inference:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except (BatchQueueFullError, SchedulerStoppedError) as e:
             raise ServingError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
-        try:
-            return future.result(timeout=deadline)
-        except futures.TimeoutError:
-            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded while waiting for a batch.") from None
-        except BatchingError as e:
-            raise ServingError(grpc.StatusCode.INTERNAL, str(e)) from None
+        return (yield future)
+
+    def _run_alone(self, model_name: str, version: int, signature, inputs) -> dict[str, np.ndarray]:
+        outputs = signature.run(inputs)
+        # Rows scored: the outputs' batch dimension (inputs may differ, e.g. one context example
+        # and N candidates in score_candidates).
+        rows = max((len(a) for a in outputs.values() if np.ndim(a)), default=1)
+        self.metrics.observe_batch(model_name, str(version), signature.name, rows)
+        return outputs
 
     # ----------------------------------------------------------------------------------------
     # Predict.
@@ -150,10 +215,9 @@ class Inference:
         `deadline` is the seconds a batched request may wait; `labels` collects what the request
         resolved to.
         """
-        model_name, loaded = self.manager.resolve(request.model_spec, labels)
-        return self._predict_on(model_name, loaded, request, labels, deadline)
+        return run_steps(self.steps("predict", request, labels), deadline)
 
-    def _predict_on(self, model_name, loaded, request, labels=None, deadline=None, batch=True):
+    def _predict_on(self, model_name, loaded, request, labels=None, batch=True) -> Steps:
         signature_name = request.model_spec.signature_name or F.SERVING_SIGNATURE
         signature = loaded.signatures.get(signature_name)
         if signature is None:
@@ -183,7 +247,7 @@ class Inference:
                 grpc.StatusCode.INVALID_ARGUMENT, f"Duplicate output tensor alias in {list(request.output_filter)}."
             )
         inputs = decode_inputs(request.inputs, signature.input_specs, signature_name, self.limits)
-        outputs = self._run(model_name, loaded, signature_name, inputs, deadline, batch)
+        outputs = yield from self._run(model_name, loaded, signature_name, inputs, batch)
         response = predict_pb2.PredictResponse(model_spec=_response_spec(model_name, loaded.version, signature_name))
         for name in request.output_filter or output_names:
             response.outputs[name].CopyFrom(encode_tensor(outputs[name]))
@@ -255,11 +319,11 @@ class Inference:
         return signature_name
 
     def _classify_examples(self, result: classification_pb2.ClassificationResult, model_name, loaded,
-                           signature_name: str, examples: np.ndarray, deadline, batch) -> None:
+                           signature_name: str, examples: np.ndarray, batch) -> Steps:
         """Runs a classification signature on serialized examples into `result`."""
         classes_key, scores_key = tf.saved_model.CLASSIFY_OUTPUT_CLASSES, tf.saved_model.CLASSIFY_OUTPUT_SCORES
-        outputs = self._run(
-            model_name, loaded, signature_name, {tf.saved_model.CLASSIFY_INPUTS: examples}, deadline, batch
+        outputs = yield from self._run(
+            model_name, loaded, signature_name, {tf.saved_model.CLASSIFY_INPUTS: examples}, batch
         )
         classes, scores = outputs.get(classes_key), outputs.get(scores_key)
         num_examples = len(examples)
@@ -297,10 +361,10 @@ class Inference:
                     entry.score = float(scores[i, c])
 
     def _regress_examples(self, result: regression_pb2.RegressionResult, model_name, loaded, signature_name: str,
-                          examples: np.ndarray, deadline, batch) -> None:
+                          examples: np.ndarray, batch) -> Steps:
         """Runs a regression signature on serialized examples into `result`."""
-        outputs = self._run(
-            model_name, loaded, signature_name, {tf.saved_model.REGRESS_INPUTS: examples}, deadline, batch
+        outputs = yield from self._run(
+            model_name, loaded, signature_name, {tf.saved_model.REGRESS_INPUTS: examples}, batch
         )
         values = outputs[tf.saved_model.REGRESS_OUTPUTS]
         if not (values.ndim == 1 or (values.ndim == 2 and values.shape[1] == 1)):
@@ -325,22 +389,21 @@ class Inference:
         each (batch, num_classes); xdctr's `serving_default` ("examples" in, "ctr" out) does not
         qualify and gets TF Serving's INVALID_ARGUMENT.
         """
-        model_name, loaded = self.manager.resolve(request.model_spec, labels)
-        return self._classify_on(model_name, loaded, request, labels, deadline)
+        return run_steps(self.steps("classify", request, labels), deadline)
 
-    def _classify_on(self, model_name, loaded, request, labels=None, deadline=None, batch=True):
+    def _classify_on(self, model_name, loaded, request, labels=None, batch=True) -> Steps:
         return self._on_examples(classification_pb2.ClassificationResponse, self._classification_signature,
-                                 self._classify_examples, model_name, loaded, request, labels, deadline, batch)
+                                 self._classify_examples, model_name, loaded, request, labels, batch)
 
-    def _on_examples(self, response_type, signature_of, run_into, model_name, loaded, request, labels, deadline,
-                     batch):
+    def _on_examples(self, response_type, signature_of, run_into, model_name, loaded, request, labels,
+                     batch) -> Steps:
         """Classify or Regress: checks the signature, runs it on the request's examples, fills the response."""
         signature_name = signature_of(loaded, request.model_spec.signature_name)
         if labels is not None:
             labels.signature = signature_name
         examples = serialized_examples(request.input, self.limits)
         response = response_type(model_spec=_response_spec(model_name, loaded.version, request.model_spec.signature_name))
-        run_into(response.result, model_name, loaded, signature_name, examples, deadline, batch)
+        yield from run_into(response.result, model_name, loaded, signature_name, examples, batch)
         return response
 
     def regress(self, request, labels=None, deadline=None) -> regression_pb2.RegressionResponse:
@@ -349,12 +412,11 @@ class Inference:
         The signature needs one DT_STRING input "inputs" and one output "outputs", (batch,) or
         (batch, 1); xdctr's `serving_default` does not qualify (INVALID_ARGUMENT, as TF Serving).
         """
-        model_name, loaded = self.manager.resolve(request.model_spec, labels)
-        return self._regress_on(model_name, loaded, request, labels, deadline)
+        return run_steps(self.steps("regress", request, labels), deadline)
 
-    def _regress_on(self, model_name, loaded, request, labels=None, deadline=None, batch=True):
+    def _regress_on(self, model_name, loaded, request, labels=None, batch=True) -> Steps:
         return self._on_examples(regression_pb2.RegressionResponse, self._regression_signature,
-                                 self._regress_examples, model_name, loaded, request, labels, deadline, batch)
+                                 self._regress_examples, model_name, loaded, request, labels, batch)
 
     def multi_inference(self, request, labels=None, deadline=None) -> inference_pb2.MultiInferenceResponse:
         """TF Serving's MultiInference: several classify/regress signatures of one model on the same examples.
@@ -362,12 +424,9 @@ class Inference:
         Every task names the same model (its version is the first task's); each signature once;
         `method_name` is "tensorflow/serving/classify" or "tensorflow/serving/regress".
         """
-        if not request.tasks:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Expected at least one task")
-        model_name, loaded = self.manager.resolve(request.tasks[0].model_spec, labels)
-        return self._multi_inference_on(model_name, loaded, request, labels, deadline)
+        return run_steps(self.steps("multi_inference", request, labels), deadline)
 
-    def _multi_inference_on(self, model_name, loaded, request, labels=None, deadline=None, batch=True):
+    def _multi_inference_on(self, model_name, loaded, request, labels=None, batch=True) -> Steps:
         kinds = {CLASSIFY_METHOD: self._classification_signature, REGRESS_METHOD: self._regression_signature}
         seen: set[str] = set()
         plan = []
@@ -396,11 +455,11 @@ class Inference:
             result = response.results.add(
                 model_spec=_response_spec(model_name, loaded.version, task.model_spec.signature_name))
             if task.method_name == CLASSIFY_METHOD:
-                self._classify_examples(result.classification_result, model_name, loaded, signature_name, examples,
-                                        deadline, batch)
+                yield from self._classify_examples(result.classification_result, model_name, loaded,
+                                                   signature_name, examples, batch)
             else:
-                self._regress_examples(result.regression_result, model_name, loaded, signature_name, examples,
-                                       deadline, batch)
+                yield from self._regress_examples(result.regression_result, model_name, loaded, signature_name,
+                                                  examples, batch)
         return response
 
     # ----------------------------------------------------------------------------------------

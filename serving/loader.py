@@ -185,7 +185,12 @@ def _load_tf1(path: str) -> tuple[Any, dict[str, meta_graph_pb2.SignatureDef], d
     meta_graph = loader.get_meta_graph_def_from_tags(SERVING_TAGS)  # the loader's own copy: relaxed in place
     _relax_shapes(meta_graph.graph_def)
     graph = tf.Graph()
-    session = tf.compat.v1.Session(graph=graph, config=tf.compat.v1.ConfigProto(allow_soft_placement=True))
+    config = tf.compat.v1.ConfigProto(
+        allow_soft_placement=True,
+        intra_op_parallelism_threads=tf.config.threading.get_intra_op_parallelism_threads(),
+        inter_op_parallelism_threads=tf.config.threading.get_inter_op_parallelism_threads(),
+    )
+    session = tf.compat.v1.Session(graph=graph, config=config)
     with graph.as_default():
         loader.load(session, SERVING_TAGS, clear_devices=True)
     signature_defs, signatures = {}, {}

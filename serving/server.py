@@ -39,7 +39,6 @@ import threading
 import time
 from typing import Optional
 
-import grpc
 from grpc_health.v1 import health, health_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
@@ -57,8 +56,7 @@ from serving.config import (
     parse_model_server_config,
     read_model_server_config,
 )
-from serving.grpc_frontend import SERVICE_NAMES
-from serving.grpc_frontend import grpc_server as build_grpc_server
+from serving.grpc_frontend import SERVICE_NAMES, GrpcServer
 from serving.inference import Inference
 from serving.monitoring import MetricsHTTPServer, ServingMetrics, configure_json_logging, log_event
 from serving.rest import RestApi, RestServer
@@ -263,7 +261,30 @@ def start(options: ServerOptions) -> RunningServer:
     Raises ValueError (one line) for a config that cannot be read or served, a model without a
     loadable version, or an address that cannot be bound.
     """
+    configure_tensorflow_threads(options.tensorflow_intra_op_parallelism, options.tensorflow_inter_op_parallelism)
     return _start(options, options.model_server_config())
+
+
+def configure_tensorflow_threads(intra_op: int, inter_op: int) -> None:
+    """Sizes TensorFlow's thread pools (0 keeps TensorFlow's choice); ValueError once TensorFlow runs.
+
+    TensorFlow fixes its pools when it first runs an op, so this must come before any model loads
+    in the process (as in the `xdctr serve` process).
+    """
+    import tensorflow as tf
+
+    for name, value, setter, getter in (
+        ("intra", intra_op, tf.config.threading.set_intra_op_parallelism_threads,
+         tf.config.threading.get_intra_op_parallelism_threads),
+        ("inter", inter_op, tf.config.threading.set_inter_op_parallelism_threads,
+         tf.config.threading.get_inter_op_parallelism_threads),
+    ):
+        if value and getter() != value:
+            try:
+                setter(value)
+            except RuntimeError:
+                raise ValueError(f"--tensorflow_{name}_op_parallelism={value}: TensorFlow is already running in "
+                                 "this process with other thread pools; set it before any model is loaded.") from None
 
 
 def _start(options: ServerOptions, config: model_server_config_pb2.ModelServerConfig) -> RunningServer:
@@ -283,8 +304,8 @@ def _start(options: ServerOptions, config: model_server_config_pb2.ModelServerCo
     try:
         rest_metrics_path = options.metrics_path_on_rest_port()  # a bad monitoring config fails before loading
         model_server.manager.load_config(config)
-        grpc_server = build_grpc_server(model_server.inference, model_server.admin, health_servicer,
-                                        options.max_workers, options.max_request_bytes)
+        grpc_server = GrpcServer(model_server.inference, model_server.admin, health_servicer,
+                                 options.max_workers, options.max_request_bytes)
         address = _address(options.host, options.port)
         try:
             port = grpc_server.add_insecure_port(address)
@@ -328,12 +349,12 @@ def start_server(
     port: int = 0,
     host: str = "127.0.0.1",
     max_workers: int = 8,
-) -> tuple[grpc.Server, int, ModelServer]:
+) -> tuple[GrpcServer, int, ModelServer]:
     """Loads one model, starts the gRPC server and returns (server, bound port, model server).
 
     Every version under `base_path` that loads is served (version policy `all`); requests
     without a version get the highest. `port=0` binds a free port. This server looks for
-    versions once, at start, so stopping the returned `grpc.Server` (`server.stop(grace)`)
+    versions once, at start, so stopping the returned server (`server.stop(grace)`)
     stops everything; use `start` for polling, config files, batching and metrics. Raises
     ValueError when no version under `base_path` loads or the address cannot be bound.
     """
@@ -437,6 +458,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--allow-remote-admin", action="store_true", help="accept config reloads from non-loopback peers"
     )
     parser.add_argument("--max-workers", type=int, default=16, help="gRPC handler threads (default 16)")
+    parser.add_argument("--tensorflow-intra-op-parallelism", "--tensorflow_intra_op_parallelism", type=int, default=0,
+                        help="threads of one TensorFlow op (default 0: TensorFlow's choice)")
+    parser.add_argument("--tensorflow-inter-op-parallelism", "--tensorflow_inter_op_parallelism", type=int, default=0,
+                        help="TensorFlow ops run at once (default 0: TensorFlow's choice)")
     parser.add_argument(
         "--grace", type=float, default=DEFAULT_GRACE_SECONDS,
         help="seconds running requests get to finish at shutdown (default 5)",
@@ -474,6 +499,8 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None,
         allow_remote_admin=args.allow_remote_admin,
         max_workers=args.max_workers,
+        tensorflow_intra_op_parallelism=args.tensorflow_intra_op_parallelism,
+        tensorflow_inter_op_parallelism=args.tensorflow_inter_op_parallelism,
         grace=args.grace,
         max_request_bytes=args.max_request_bytes,
         max_request_rows=args.max_request_rows,

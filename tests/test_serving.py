@@ -364,10 +364,12 @@ def test_still_serves_after_bad_requests(stub, channel):
 
 
 def test_unexpected_exception_is_internal_and_server_keeps_running(stub, running, monkeypatch):
-    def explode(request, labels=None, deadline=None):
+    signature = running.model_server.manager.loaded_versions(MODEL_NAME)[2].signatures[F.SERVING_SIGNATURE]
+
+    def explode(inputs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(running.model_server.inference, "predict", explode)
+    monkeypatch.setattr(signature, "run", explode)
     with pytest.raises(grpc.RpcError) as info:
         stub.Predict(predict_request(), timeout=10)
     assert info.value.code() == grpc.StatusCode.INTERNAL
@@ -641,14 +643,15 @@ def test_stop_lets_running_requests_finish(base_path, monkeypatch):
     running = server.start(ServerOptions(model_name=MODEL_NAME, model_base_path=str(base_path), max_workers=2,
                                          file_system_poll_wait_seconds=0.0))
     started = threading.Event()
-    real_predict = running.model_server.inference.predict
+    signature = running.model_server.manager.loaded_versions(MODEL_NAME)[2].signatures[F.SERVING_SIGNATURE]
+    real_run = signature.run
 
-    def slow_predict(request, labels=None, deadline=None):
+    def slow_run(inputs):
         started.set()
         time.sleep(0.5)
-        return real_predict(request, labels=labels, deadline=deadline)
+        return real_run(inputs)
 
-    monkeypatch.setattr(running.model_server.inference, "predict", slow_predict)
+    monkeypatch.setattr(signature, "run", slow_run)
     results = {}
     with grpc.insecure_channel(running.target) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
