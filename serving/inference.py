@@ -57,44 +57,50 @@ Step = Union[futures.Future, Callable[[], dict]]  # what a request's steps yield
 Steps = Generator[Step, dict, object]
 
 
+def _advance(steps: Steps, value) -> tuple[bool, object]:
+    """(True, response) when the steps are done, else (False, the next step), after sending `value`."""
+    try:
+        return False, steps.send(value)
+    except StopIteration as done:
+        return True, done.value
+
+
+def _batch_failure(error: Exception) -> ServingError:
+    if isinstance(error, TimeoutError):  # futures.TimeoutError is TimeoutError
+        return ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded while waiting for a batch.")
+    return ServingError(grpc.StatusCode.INTERNAL, str(error))
+
+
 def run_steps(steps: Steps, deadline: Optional[float] = None):
     """Drives a request's steps in this thread: calls the model inline, waits for batches; returns the response."""
-    value = None
-    while True:
-        try:
-            step = steps.send(value)
-        except StopIteration as done:
-            return done.value
+    done, step = _advance(steps, None)
+    while not done:
         if not isinstance(step, futures.Future):
-            value = step()
+            done, step = _advance(steps, step())
             continue
         try:
             value = step.result(timeout=deadline)
-        except futures.TimeoutError:
+        except (TimeoutError, BatchingError) as e:
             step.cancel()  # leaves its batch if that has not started
-            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded while waiting for a batch.") from None
-        except BatchingError as e:
-            raise ServingError(grpc.StatusCode.INTERNAL, str(e)) from None
+            raise _batch_failure(e) from None
+        done, step = _advance(steps, value)
+    return step
 
 
 async def run_steps_async(steps: Steps, deadline: Optional[float], executor: futures.Executor):
     """Drives a request's steps from an event loop: model calls on `executor`, batches awaited."""
     loop = asyncio.get_running_loop()
-    value = None
-    while True:
-        try:
-            step = steps.send(value)
-        except StopIteration as done:
-            return done.value
+    done, step = _advance(steps, None)
+    while not done:
         if not isinstance(step, futures.Future):
-            value = await loop.run_in_executor(executor, step)
+            done, step = _advance(steps, await loop.run_in_executor(executor, step))
             continue
         try:
             value = await asyncio.wait_for(asyncio.wrap_future(step), deadline)  # a timeout cancels `step`
-        except TimeoutError:
-            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded while waiting for a batch.") from None
-        except BatchingError as e:
-            raise ServingError(grpc.StatusCode.INTERNAL, str(e)) from None
+        except (TimeoutError, BatchingError) as e:
+            raise _batch_failure(e) from None
+        done, step = _advance(steps, value)
+    return step
 
 
 def _signature_text(signature_def: meta_graph_pb2.SignatureDef) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -80,6 +82,20 @@ def test_tasks_waiting_for_a_busy_thread_run_as_one_batch(scheduler_factory):
     np.testing.assert_array_equal(second.result(WAIT_SECONDS)["y"], [6, 8, 10])  # each task gets its own rows
     np.testing.assert_array_equal(third.result(WAIT_SECONDS)["y"], [12])
     assert run.batches == [2, 4]  # the second and third tasks ran together
+
+
+def test_a_cancelled_task_leaves_its_batch(scheduler_factory):
+    scheduler = scheduler_factory(max_batch_size=8, num_batch_threads=1)
+    run = BlockingRun()
+    first = scheduler.submit(KEY, run, rows(1), 1)
+    assert run.entered.wait(WAIT_SECONDS)
+    gone = scheduler.submit(KEY, run, rows(2, 3), 2)
+    kept = scheduler.submit(KEY, run, rows(4), 1)
+    assert gone.cancel()
+    run.release.set()
+    np.testing.assert_array_equal(kept.result(WAIT_SECONDS)["y"], [8])
+    first.result(WAIT_SECONDS)
+    assert run.batches == [1, 1]  # the second batch ran without the cancelled task's 2 rows
 
 
 def test_batch_timeout_waits_for_more_tasks(scheduler_factory):
@@ -300,6 +316,29 @@ def test_full_batch_queue_is_unavailable(batching_server, monkeypatch):
             stub.Predict(predict_request(), timeout=10)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "is full" in info.value.details()
+
+
+def test_a_batch_that_does_not_come_in_time_is_deadline_exceeded_and_left(batching_server, monkeypatch):
+    scheduler = batching_server.model_server.inference.scheduler
+    pending = []
+
+    def never(*args, **kwargs):
+        pending.append(futures.Future())
+        return pending[-1]
+
+    monkeypatch.setattr(scheduler, "submit", never)
+    with pytest.raises(ServingError) as info:  # the thread-driven path (REST, warmup)
+        batching_server.model_server.inference.predict(predict_request(), deadline=0.2)
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    with grpc.insecure_channel(batching_server.target) as channel:  # the event-loop path (gRPC)
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as rpc_info:
+            stub.Predict(predict_request(), timeout=0.5)
+    assert rpc_info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not all(f.cancelled() for f in pending) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(pending) == 2 and all(f.cancelled() for f in pending)  # their tasks leave the batch
 
 
 def test_signatures_with_fixed_batch_run_unbatched(tmp_path):
