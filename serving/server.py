@@ -6,14 +6,14 @@ against TF Serving works unchanged (and vice versa). The layers, as TF Serving's
 - `serving.loader`: one SavedModel version directory -> runnable signatures;
 - `serving.versions`: the version manager (sources, policies, loads, unloads, labels);
 - `serving.tensors`: request decoding and response encoding (tensor <-> proto);
-- `serving.inference`: Predict, Classify, Regress, GetModelMetadata on a loaded version;
+- `serving.inference`: Predict, Classify, Regress, MultiInference, GetModelMetadata on a loaded version;
 - `serving.admin`: ModelService (GetModelStatus, HandleReloadConfigRequest and its checks);
-- `serving.grpc_frontend`: the gRPC services (PredictionService, ModelService, health);
+- `serving.grpc_frontend`: the gRPC services (PredictionService, ModelService, health) on grpc.aio;
 - `serving.rest`, `serving.rest_json`: TF Serving's REST API and its JSON formats;
 - this module: starting and stopping it all, polling, and the `xdctr serve` flags.
 
-Status codes are TF Serving's: INVALID_ARGUMENT for bad tensors, wrong dtype or shape, unknown
-inputs/outputs or version label, malformed examples; NOT_FOUND for unknown model or version;
+Status codes are TF Serving's: INVALID_ARGUMENT for bad tensors, a wrong dtype, unknown
+inputs/outputs or version label, malformed examples, shapes the graph rejects; NOT_FOUND for unknown model or version;
 FAILED_PRECONDITION for an unknown Predict signature; RESOURCE_EXHAUSTED for a message over
 `--max-request-bytes` (from gRPC), more rows than `--max-request-rows` or more elements than
 `max_request_elements`; with batching, UNAVAILABLE for a full batch queue and INVALID_ARGUMENT
@@ -24,7 +24,8 @@ Config reload through HandleReloadConfigRequest and by polling the config file (
 content changed is applied; an unchanged file does not undo a reload made through the RPC).
 
 Run it with `xdctr serve --model-name NAME --model-base-path PATH --port 8500` or
-`xdctr serve --model-config-file models.config`; in Python, `start(ServerOptions(...))`.
+`xdctr serve --model-config-file models.config` (TF Serving's flag spellings work too, e.g.
+`--rest_api_port=8501`); in Python, `start(ServerOptions(...))`.
 """
 
 from __future__ import annotations
