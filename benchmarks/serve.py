@@ -46,7 +46,11 @@ measured with the same setting). For a model this small a call's ops are too sho
 among threads: one thread per call spends about half the CPU of TensorFlow's default pools.
 
 The summary line gives the issue's targets: serve+batching QPS over in-process QPS at the same
-rows per request (>= 0.7) and the p99 at half load (<= 20 ms); the JSON has them under `targets`.
+rows per request (>= 0.7) and the p99 at half load (<= 20 ms), each the median over
+`--target-rounds` rounds (the main table's, then rounds of half the duration that measure the
+in-process ceiling, the batching server and its half load back to back: on a machine shared with
+other jobs, a neighbour's load then hits both sides of the ratio alike); the JSON has them, with
+every round, under `targets`.
 
 The model: `--model-dir` (a SavedModel directory, or a TF Serving base path of version
 directories) with `--examples`; by default a `dnn_multi` trained briefly on a generated log,
@@ -87,6 +91,7 @@ DEFAULT_MAX_ENQUEUED_BATCHES = 10
 DEFAULT_NUM_BATCH_THREADS = 1
 DEFAULT_TF_THREADS = 1  # TensorFlow's intra- and inter-op threads, in the servers and the in-process calls
 DEFAULT_HALF_LOAD = 0.5  # the latency scenario's rate, as a fraction of the batching server's max QPS
+DEFAULT_TARGET_ROUNDS = 3  # the main table's numbers, then 2 more rounds of ceiling + batching server
 TARGET_QPS_RATIO = 0.7  # serve+batching QPS / in-process QPS at the same rows per request
 TARGET_P99_MS = 20.0  # p99 of serve+batching at half of its max load
 MAX_EXAMPLES = 1000  # tf.Examples read from --examples and cycled through
@@ -118,9 +123,11 @@ class Settings:
     tensorflow_intra_op_parallelism: int = DEFAULT_TF_THREADS
     tensorflow_inter_op_parallelism: int = DEFAULT_TF_THREADS
     half_load: float = DEFAULT_HALF_LOAD
+    target_rounds: int = DEFAULT_TARGET_ROUNDS
 
     def __post_init__(self):
-        for name in ("requests", "concurrency", "batch", "candidates", "candidates_concurrency", "num_batch_threads"):
+        for name in ("requests", "concurrency", "batch", "candidates", "candidates_concurrency", "num_batch_threads",
+                     "target_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1. Received: {name}={getattr(self, name)}")
         if not 0 < self.half_load < 1:
@@ -432,15 +439,29 @@ def _configure_tensorflow_threads(settings: Settings) -> dict:
             "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
 
 
-def targets(rows: Sequence[dict], settings: Settings) -> dict:
-    """The issue's targets: serve+batching QPS / in-process QPS (same rows per request), p99 at half load."""
+def target_round(rows: Sequence[dict], settings: Settings) -> dict:
+    """One round's numbers for the issue's targets: QPS ratio (same rows per request) and p99 at half load."""
     by_scenario = {row["scenario"]: row for row in rows}
     ceiling = by_scenario[f"in-process, batch {settings.batch}"]["qps"]
     batching = by_scenario["serve+batching"]["qps"]
-    p99 = by_scenario[f"serve+batching at {settings.half_load:.0%} load"]["latency_ms"]["p99"]
-    return {"qps_ratio": batching / ceiling if ceiling else None, "qps_ratio_target": TARGET_QPS_RATIO,
+    return {"in_process_qps": ceiling, "serve_batching_qps": batching,
+            "qps_ratio": batching / ceiling if ceiling else None,
+            "p99_at_half_load_ms": by_scenario[f"serve+batching at {settings.half_load:.0%} load"]["latency_ms"]["p99"],
+            "load_average": os.getloadavg()[0]}
+
+
+def targets(rounds: Sequence[dict]) -> dict:
+    """The medians over the rounds (each round measures the ceiling and the server back to back,
+    so a neighbour's load on a shared machine hits both alike) against the issue's targets."""
+    import numpy as np
+
+    ratios = [r["qps_ratio"] for r in rounds if r["qps_ratio"] is not None]
+    p99s = [r["p99_at_half_load_ms"] for r in rounds if r["p99_at_half_load_ms"] is not None]
+    ratio = float(np.median(ratios)) if ratios else None
+    p99 = float(np.median(p99s)) if p99s else None
+    return {"rounds": list(rounds), "qps_ratio": ratio, "qps_ratio_target": TARGET_QPS_RATIO,
             "p99_at_half_load_ms": p99, "p99_target_ms": TARGET_P99_MS,
-            "met": bool(ceiling and batching / ceiling >= TARGET_QPS_RATIO and p99 is not None and p99 <= TARGET_P99_MS)}
+            "met": bool(ratio is not None and ratio >= TARGET_QPS_RATIO and p99 is not None and p99 <= TARGET_P99_MS)}
 
 
 def _ratio(total: float, count: float) -> Optional[float]:
@@ -533,6 +554,21 @@ def run(base_path: str, examples_pattern: str, workdir: str, out: str, settings:
               f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f}")
         print(TABLE_LEGEND)
         print(TABLE_HEADER)
+
+        def ceiling_and_batching(settings_now: Settings, add_row) -> None:
+            """In-process calls, then the batching server closed loop, then at half its QPS."""
+            add_row(f"in-process, batch {b}", IN_PROCESS, F.SERVING_SIGNATURE,
+                    lambda: in_process(serve_fn, _payloads(examples, F.SERVING_SIGNATURE, b, distinct(b)),
+                                       settings_now.requests, settings_now.duration_s, settings_now.warmup))
+            add_row("serve+batching", SERVE_BATCHING, F.SERVING_SIGNATURE,
+                    lambda: served(services[SERVE_BATCHING].target, [services[SERVE_BATCHING]], examples,
+                                   settings_now, F.SERVING_SIGNATURE, b, c))
+            # The latency at half of the max load just measured: open loop, so waiting shows.
+            half_rate = settings_now.half_load * current[-1]["qps"]
+            add_row(f"serve+batching at {settings_now.half_load:.0%} load", SERVE_BATCHING, F.SERVING_SIGNATURE,
+                    lambda: served(services[SERVE_BATCHING].target, [services[SERVE_BATCHING]], examples,
+                                   settings_now, F.SERVING_SIGNATURE, b, 2 * c, rate_qps=half_rate))
+
         add(f"in-process, batch {b}", IN_PROCESS, F.SERVING_SIGNATURE,
             lambda: in_process(serve_fn, _payloads(examples, F.SERVING_SIGNATURE, b, distinct(b)), s.requests,
                                s.duration_s, s.warmup))
@@ -544,7 +580,6 @@ def run(base_path: str, examples_pattern: str, workdir: str, out: str, settings:
         add("serve+batching", SERVE_BATCHING, F.SERVING_SIGNATURE,
             lambda: served(services[SERVE_BATCHING].target, [services[SERVE_BATCHING]], examples, s,
                            F.SERVING_SIGNATURE, b, c))
-        # The latency at half of the max load just measured: open loop, so waiting shows.
         half_rate = s.half_load * rows[-1]["qps"]
         add(f"serve+batching at {s.half_load:.0%} load", SERVE_BATCHING, F.SERVING_SIGNATURE,
             lambda: served(services[SERVE_BATCHING].target, [services[SERVE_BATCHING]], examples, s,
@@ -568,6 +603,20 @@ def run(base_path: str, examples_pattern: str, workdir: str, out: str, settings:
         add("serve, 1-row requests", SERVE, F.SERVING_SIGNATURE,
             lambda: served(services[SERVE].target, [services[SERVE]], examples, s, F.SERVING_SIGNATURE, 1, cc),
             CANDIDATES)
+
+        # The targets' rounds: the ceiling and the batching server back to back, shorter each.
+        rounds = [target_round(rows, s)]
+        short = dataclasses.replace(s, duration_s=s.duration_s / 2, requests=max(1, s.requests // 2))
+        for k in range(1, s.target_rounds):
+            current = []
+
+            def add_round_row(scenario, path, signature, measure, k=k):
+                row = {"scenario": scenario, "group": LOAD, "path": path, "signature": signature} | measure()
+                current.append(row)
+                print(format_row(row | {"scenario": f"round {k + 1}: {scenario}"}), flush=True)
+
+            ceiling_and_batching(short, add_round_row)
+            rounds.append(target_round(current, s))
     finally:
         for service in reversed(list(services.values())):
             service.stop()
@@ -576,10 +625,12 @@ def run(base_path: str, examples_pattern: str, workdir: str, out: str, settings:
     per_set = {row["scenario"]: 1000.0 * n / row["rows_per_s"] for row in rows
                if row["group"] == CANDIDATES and row["rows_per_s"] > 0}
     print(f"ms per {n} candidates (from rows/s): " + "; ".join(f"{k}: {v:.1f}" for k, v in per_set.items()))
-    goals = targets(rows, settings)
-    print(f"serve+batching / in-process QPS: {goals['qps_ratio']:.2f} (target >= {TARGET_QPS_RATIO}); "
+    goals = targets(rounds)
+    print(f"serve+batching / in-process QPS, median of {len(rounds)} rounds: {_fmt(goals['qps_ratio'], 2)} "
+          f"({', '.join(_fmt(r['qps_ratio'], 2) for r in rounds)}; target >= {TARGET_QPS_RATIO}); "
           f"p99 at {settings.half_load:.0%} load: {_fmt(goals['p99_at_half_load_ms'], 2)} ms "
-          f"(target <= {TARGET_P99_MS:g}); {'met' if goals['met'] else 'NOT met'}")
+          f"({', '.join(_fmt(r['p99_at_half_load_ms'], 1) for r in rounds)}; target <= {TARGET_P99_MS:g}); "
+          f"{'met' if goals['met'] else 'NOT met'}")
     load_after = os.getloadavg()
     result = {
         "model": {"base_path": base_path, "version": version, "version_dir": version_dir,
@@ -634,6 +685,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TensorFlow's inter-op threads in the servers and the in-process calls (0: TF's choice)")
     parser.add_argument("--half-load", type=float, default=DEFAULT_HALF_LOAD,
                         help="the latency scenario's rate as a fraction of serve+batching's max QPS")
+    parser.add_argument("--target-rounds", type=int, default=DEFAULT_TARGET_ROUNDS,
+                        help="rounds of in-process + serve+batching the targets take the median of (the first is "
+                             "the main table's)")
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help="generated data, model, service logs")
     parser.add_argument("--out", default=DEFAULT_OUT)
 
@@ -647,7 +701,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                         num_batch_threads=args.num_batch_threads,
                         tensorflow_intra_op_parallelism=args.tensorflow_intra_op_parallelism,
                         tensorflow_inter_op_parallelism=args.tensorflow_inter_op_parallelism,
-                        half_load=args.half_load)
+                        half_load=args.half_load, target_rounds=args.target_rounds)
     _configure_tensorflow_threads(settings)  # before training a model here runs any op
     workdir = os.path.abspath(args.workdir)
     if args.model_dir:

@@ -78,7 +78,8 @@ def benchmark(tmp_path_factory):
     out = str(tmp / "serve.json")
     args = _parse(["--model-dir", model_dir, "--examples", examples, "--workdir", str(tmp / "work"), "--out", out,
                    "--requests", str(REQUESTS), "--duration", "20", "--concurrency", str(CONCURRENCY),
-                   "--batch", str(BATCH), "--candidates", str(CANDIDATES), "--warmup", "1"])
+                   "--batch", str(BATCH), "--candidates", str(CANDIDATES), "--warmup", "1",
+                   "--target-rounds", "2"])
     assert serve.run_from_args(args) == 0
     with open(out) as f:
         return json.load(f)
@@ -143,8 +144,13 @@ def test_settings_and_candidate_summary_are_recorded(benchmark):
                                      "num_batch_threads": 1, "max_enqueued_batches": 10}
     rows = {r["scenario"]: r for r in benchmark["results"]}
     goals = benchmark["targets"]
-    assert goals["qps_ratio"] == pytest.approx(rows["serve+batching"]["qps"] / rows[f"in-process, batch {BATCH}"]["qps"])
-    assert goals["p99_at_half_load_ms"] == rows["serve+batching at 50% load"]["latency_ms"]["p99"]
+    first, second = goals["rounds"]  # the main table's round, then one more
+    assert first["qps_ratio"] == pytest.approx(rows["serve+batching"]["qps"] / rows[f"in-process, batch {BATCH}"]["qps"])
+    assert first["p99_at_half_load_ms"] == rows["serve+batching at 50% load"]["latency_ms"]["p99"]
+    assert second["qps_ratio"] == pytest.approx(second["serve_batching_qps"] / second["in_process_qps"])
+    assert goals["qps_ratio"] == pytest.approx((first["qps_ratio"] + second["qps_ratio"]) / 2)  # the median of 2
+    assert goals["p99_at_half_load_ms"] == pytest.approx(
+        (first["p99_at_half_load_ms"] + second["p99_at_half_load_ms"]) / 2)
     assert (goals["qps_ratio_target"], goals["p99_target_ms"]) == (0.7, 20.0)
     assert goals["met"] == (goals["qps_ratio"] >= 0.7 and goals["p99_at_half_load_ms"] <= 20.0)
     assert set(benchmark["in_process_tensorflow_threads"]) == {"intra_op", "inter_op"}
