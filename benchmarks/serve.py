@@ -9,6 +9,8 @@ same payloads (built by `serving.loadtest.build_requests` from the eval split's 
 - `serve`: `xdctr serve` without batching; `serving.loadtest` closed loop, `--concurrency` clients,
   `--batch` rows per request.
 - `serve+batching`: the same load on `xdctr serve --enable-batching` (knobs below).
+- `serve+batching at 50% load`: open loop (`--rate`) at `--half-load` x the QPS just measured, with
+  twice the clients to hold the rate; latency counts from each request's due time.
 - `route`: the same load through `xdctr route` (a 2-arm experiment, 50/50, both arms on the
   non-batching server; user ids hashed from the request's tf.Example; assignment log on, as in
   an experiment), in front of the non-batching server.
@@ -31,12 +33,24 @@ uncounted warmup requests, and the client's includes building the requests befor
 small next to the thousands measured, but not zero.
 
 Batching knobs (TF Serving's, `serving.batching`): `max_batch_size` = concurrency x batch (every
-request in flight fits in one batch, so none waits for a second); `num_batch_threads` = number of
-CPUs (TF Serving's default: one batch per core, more threads only contend with TensorFlow's own
-intra-op threads); `batch_timeout_micros` = 1000 (a batch waits at most 1 ms for more requests,
-small next to the per-request cost of a few ms here; 0 would merge requests only while every
-batch thread is busy); `max_enqueued_batches` = 10 (TF Serving's default; a closed loop never
-fills it).
+request in flight fits in one batch, so none waits for a second); `num_batch_threads` = 1 (on 2
+cores one thread keeps one core on the model while the other serves gRPC and the client; two
+threads split the waiting requests into two smaller batches, more model calls for the same rows);
+`batch_timeout_micros` = 1000 (a batch waits at most 1 ms for more requests; 0 would merge
+requests only while the batch thread is busy); `max_enqueued_batches` = 10 (TF Serving's default;
+a closed loop never fills it).
+
+TensorFlow's thread pools (`--tensorflow-intra-op-parallelism`, `--tensorflow-inter-op-parallelism`,
+TF Serving's flags): 1 each, in the servers and for the in-process calls alike (the ceiling is
+measured with the same setting). For a model this small a call's ops are too short to share
+among threads: one thread per call spends about half the CPU of TensorFlow's default pools.
+
+The summary line gives the issue's targets: serve+batching QPS over in-process QPS at the same
+rows per request (>= 0.7) and the p99 at half load (<= 20 ms), each the median over
+`--target-rounds` rounds (the main table's, then rounds of half the duration that measure the
+in-process ceiling, the batching server and its half load back to back: on a machine shared with
+other jobs, a neighbour's load then hits both sides of the ratio alike); the JSON has them, with
+every round, under `targets`.
 
 The model: `--model-dir` (a SavedModel directory, or a TF Serving base path of version
 directories) with `--examples`; by default a `dnn_multi` trained briefly on a generated log,
@@ -74,6 +88,12 @@ DEFAULT_CANDIDATES_CONCURRENCY = 1
 DEFAULT_WARMUP = 20
 DEFAULT_BATCH_TIMEOUT_MICROS = 1000
 DEFAULT_MAX_ENQUEUED_BATCHES = 10
+DEFAULT_NUM_BATCH_THREADS = 1
+DEFAULT_TF_THREADS = 1  # TensorFlow's intra- and inter-op threads, in the servers and the in-process calls
+DEFAULT_HALF_LOAD = 0.5  # the latency scenario's rate, as a fraction of the batching server's max QPS
+DEFAULT_TARGET_ROUNDS = 3  # the main table's numbers, then 2 more rounds of ceiling + batching server
+TARGET_QPS_RATIO = 0.7  # serve+batching QPS / in-process QPS at the same rows per request
+TARGET_P99_MS = 20.0  # p99 of serve+batching at half of its max load
 MAX_EXAMPLES = 1000  # tf.Examples read from --examples and cycled through
 SERVICE_START_TIMEOUT_S = 300.0  # TensorFlow import, model load and warmup, on a busy machine
 SERVICE_STOP_TIMEOUT_S = 20.0
@@ -99,13 +119,21 @@ class Settings:
     candidates_concurrency: int = DEFAULT_CANDIDATES_CONCURRENCY
     warmup: int = DEFAULT_WARMUP
     batch_timeout_micros: int = DEFAULT_BATCH_TIMEOUT_MICROS
-    num_batch_threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    num_batch_threads: int = DEFAULT_NUM_BATCH_THREADS
+    tensorflow_intra_op_parallelism: int = DEFAULT_TF_THREADS
+    tensorflow_inter_op_parallelism: int = DEFAULT_TF_THREADS
+    half_load: float = DEFAULT_HALF_LOAD
+    target_rounds: int = DEFAULT_TARGET_ROUNDS
 
     def __post_init__(self):
-        for name in ("requests", "concurrency", "batch", "candidates", "candidates_concurrency", "num_batch_threads"):
+        for name in ("requests", "concurrency", "batch", "candidates", "candidates_concurrency", "num_batch_threads",
+                     "target_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1. Received: {name}={getattr(self, name)}")
-        for name in ("warmup", "batch_timeout_micros"):
+        if not 0 < self.half_load < 1:
+            raise ValueError(f"`half_load` must be in (0, 1). Received: half_load={self.half_load}")
+        for name in ("warmup", "batch_timeout_micros", "tensorflow_intra_op_parallelism",
+                     "tensorflow_inter_op_parallelism"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0. Received: {name}={getattr(self, name)}")
         if not 0 < self.duration_s < float("inf"):
@@ -288,6 +316,8 @@ def _service_main(spec: dict) -> int:
             model_name=spec["model_name"], model_base_path=spec["base_path"], file_system_poll_wait_seconds=0,
             enable_batching=batching is not None, batching=BatchingOptions(**batching) if batching else None,
             max_workers=spec["max_workers"], monitoring_port=0,
+            tensorflow_intra_op_parallelism=spec.get("intra_op", 0),
+            tensorflow_inter_op_parallelism=spec.get("inter_op", 0),
         )
         running = server.start(options)
         announced = {"port": running.port, "monitoring_port": running.monitoring_port}
@@ -353,7 +383,8 @@ def in_process(function, payloads: Sequence[dict], requests: int, duration_s: fl
         latencies.append(time.monotonic() - t)
     elapsed, cpu = time.monotonic() - start, time.process_time() - cpu_start
     ok = len(latencies)
-    return {"rows_per_request": rows, "concurrency": 1, "sent": ok, "ok": ok, "errors": {}, "unfinished": 0,
+    return {"rows_per_request": rows, "concurrency": 1, "rate_qps": None, "sent": ok, "ok": ok, "errors": {},
+            "unfinished": 0,
             "elapsed_s": elapsed, "qps": ok / elapsed, "rows_per_s": ok * rows / elapsed,
             "latency_ms": _latency_summary(latencies), "stopped_by": "requests" if ok >= requests else "time",
             "server_handler_ms_mean": None, "rows_per_signature_run": float(rows),
@@ -361,8 +392,8 @@ def in_process(function, payloads: Sequence[dict], requests: int, duration_s: fl
 
 
 def served(target: str, services: Sequence[ServiceProcess], examples: Sequence[bytes], settings: Settings,
-           signature: str, rows: int, concurrency: int) -> dict:
-    """One closed-loop `serving.loadtest.run` against `target`, plus where the time went.
+           signature: str, rows: int, concurrency: int, rate_qps: Optional[float] = None) -> dict:
+    """One `serving.loadtest.run` against `target` (closed loop, or open loop at `rate_qps`), plus where the time went.
 
     `services`: the processes that answer (the router first, if any; the model server last, whose
     metrics give the time inside its handler and the rows per signature run). CPU times and
@@ -374,19 +405,63 @@ def served(target: str, services: Sequence[ServiceProcess], examples: Sequence[b
     totals = server.server_totals()
     service_cpu, client_cpu = sum(s.cpu_seconds() for s in services), time.process_time()
     result = loadtest.run(target, MODEL_NAME, examples, settings.requests, settings.duration_s, concurrency,
-                          signature, batch=rows, candidates=rows, warmup=settings.warmup)
+                          signature, batch=rows, candidates=rows, warmup=settings.warmup, rate_qps=rate_qps)
     service_cpu = sum(s.cpu_seconds() for s in services) - service_cpu
     client_cpu = time.process_time() - client_cpu
     delta = {name: value - totals[name] for name, value in server.server_totals().items()}
     ok = max(result["ok"], 1)
-    keep = ("rows_per_request", "concurrency", "sent", "ok", "errors", "error_details", "unfinished", "elapsed_s",
-            "qps", "rows_per_s", "latency_ms", "stopped_by")
+    keep = ("rows_per_request", "concurrency", "rate_qps", "sent", "ok", "errors", "error_details", "unfinished",
+            "elapsed_s", "qps", "rows_per_s", "latency_ms", "stopped_by")
     return {k: result[k] for k in keep} | {
         "server_handler_ms_mean": _ratio(1000.0 * delta[f"{REQUEST_SECONDS}_sum"], delta[f"{REQUEST_SECONDS}_count"]),
         "rows_per_signature_run": _ratio(delta[f"{BATCH_ROWS}_sum"], delta[f"{BATCH_ROWS}_count"]),
         "service_cpu_ms_per_request": 1000.0 * service_cpu / ok,
         "client_cpu_ms_per_request": 1000.0 * client_cpu / ok,
     }
+
+
+def _configure_tensorflow_threads(settings: Settings) -> dict:
+    """This process's TensorFlow threads as the servers' (for the in-process calls); the ones in force.
+
+    TensorFlow fixes its pools when it first runs an op: a process that already ran one (a test,
+    or training the model here) keeps its own, and the JSON records which.
+    """
+    import tensorflow as tf
+
+    from serving import server
+
+    try:
+        server.configure_tensorflow_threads(settings.tensorflow_intra_op_parallelism,
+                                            settings.tensorflow_inter_op_parallelism)
+    except ValueError as e:
+        print(f"note: in-process calls keep this process's TensorFlow threads ({e})")
+    return {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
+
+
+def target_round(rows: Sequence[dict], settings: Settings) -> dict:
+    """One round's numbers for the issue's targets: QPS ratio (same rows per request) and p99 at half load."""
+    by_scenario = {row["scenario"]: row for row in rows}
+    ceiling = by_scenario[f"in-process, batch {settings.batch}"]["qps"]
+    batching = by_scenario["serve+batching"]["qps"]
+    return {"in_process_qps": ceiling, "serve_batching_qps": batching,
+            "qps_ratio": batching / ceiling if ceiling else None,
+            "p99_at_half_load_ms": by_scenario[f"serve+batching at {settings.half_load:.0%} load"]["latency_ms"]["p99"],
+            "load_average": os.getloadavg()[0]}
+
+
+def targets(rounds: Sequence[dict]) -> dict:
+    """The medians over the rounds (each round measures the ceiling and the server back to back,
+    so a neighbour's load on a shared machine hits both alike) against the issue's targets."""
+    import numpy as np
+
+    ratios = [r["qps_ratio"] for r in rounds if r["qps_ratio"] is not None]
+    p99s = [r["p99_at_half_load_ms"] for r in rounds if r["p99_at_half_load_ms"] is not None]
+    ratio = float(np.median(ratios)) if ratios else None
+    p99 = float(np.median(p99s)) if p99s else None
+    return {"rounds": list(rounds), "qps_ratio": ratio, "qps_ratio_target": TARGET_QPS_RATIO,
+            "p99_at_half_load_ms": p99, "p99_target_ms": TARGET_P99_MS,
+            "met": bool(ratio is not None and ratio >= TARGET_QPS_RATIO and p99 is not None and p99 <= TARGET_P99_MS)}
 
 
 def _ratio(total: float, count: float) -> Optional[float]:
@@ -433,17 +508,20 @@ def run(base_path: str, examples_pattern: str, workdir: str, out: str, settings:
 
     from serving import loadtest
 
+    in_process_threads = _configure_tensorflow_threads(settings)
     base_path, workdir = os.path.abspath(base_path), os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     examples = loadtest.read_examples(examples_pattern, MAX_EXAMPLES)
     version, version_dir = latest_version_dir(base_path)
     load_before = os.getloadavg()
     max_workers = max(16, 4 * max(settings.concurrency, settings.candidates_concurrency))
+    threads = {"intra_op": settings.tensorflow_intra_op_parallelism,
+               "inter_op": settings.tensorflow_inter_op_parallelism}
     specs = {
         SERVE: {"kind": "serve", "model_name": MODEL_NAME, "base_path": base_path, "batching": None,
-                "max_workers": max_workers},
+                "max_workers": max_workers} | threads,
         SERVE_BATCHING: {"kind": "serve", "model_name": MODEL_NAME, "base_path": base_path,
-                         "batching": settings.batching(), "max_workers": max_workers},
+                         "batching": settings.batching(), "max_workers": max_workers} | threads,
     }
     assignment_log = os.path.join(workdir, "router-assignments.jsonl")
     if os.path.exists(assignment_log):
@@ -476,6 +554,21 @@ def run(base_path: str, examples_pattern: str, workdir: str, out: str, settings:
               f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f}")
         print(TABLE_LEGEND)
         print(TABLE_HEADER)
+
+        def ceiling_and_batching(settings_now: Settings, add_row) -> None:
+            """In-process calls, then the batching server closed loop, then at half its QPS."""
+            add_row(f"in-process, batch {b}", IN_PROCESS, F.SERVING_SIGNATURE,
+                    lambda: in_process(serve_fn, _payloads(examples, F.SERVING_SIGNATURE, b, distinct(b)),
+                                       settings_now.requests, settings_now.duration_s, settings_now.warmup))
+            add_row("serve+batching", SERVE_BATCHING, F.SERVING_SIGNATURE,
+                    lambda: served(services[SERVE_BATCHING].target, [services[SERVE_BATCHING]], examples,
+                                   settings_now, F.SERVING_SIGNATURE, b, c))
+            # The latency at half of the max load just measured: open loop, so waiting shows.
+            half_rate = settings_now.half_load * current[-1]["qps"]
+            add_row(f"serve+batching at {settings_now.half_load:.0%} load", SERVE_BATCHING, F.SERVING_SIGNATURE,
+                    lambda: served(services[SERVE_BATCHING].target, [services[SERVE_BATCHING]], examples,
+                                   settings_now, F.SERVING_SIGNATURE, b, 2 * c, rate_qps=half_rate))
+
         add(f"in-process, batch {b}", IN_PROCESS, F.SERVING_SIGNATURE,
             lambda: in_process(serve_fn, _payloads(examples, F.SERVING_SIGNATURE, b, distinct(b)), s.requests,
                                s.duration_s, s.warmup))
@@ -487,6 +580,10 @@ def run(base_path: str, examples_pattern: str, workdir: str, out: str, settings:
         add("serve+batching", SERVE_BATCHING, F.SERVING_SIGNATURE,
             lambda: served(services[SERVE_BATCHING].target, [services[SERVE_BATCHING]], examples, s,
                            F.SERVING_SIGNATURE, b, c))
+        half_rate = s.half_load * rows[-1]["qps"]
+        add(f"serve+batching at {s.half_load:.0%} load", SERVE_BATCHING, F.SERVING_SIGNATURE,
+            lambda: served(services[SERVE_BATCHING].target, [services[SERVE_BATCHING]], examples, s,
+                           F.SERVING_SIGNATURE, b, 2 * c, rate_qps=half_rate))
         add("route (2 arms) -> serve", ROUTE, F.SERVING_SIGNATURE,
             lambda: served(services[ROUTE].target, [services[ROUTE], services[SERVE]], examples, s,
                            F.SERVING_SIGNATURE, b, c))
@@ -506,6 +603,20 @@ def run(base_path: str, examples_pattern: str, workdir: str, out: str, settings:
         add("serve, 1-row requests", SERVE, F.SERVING_SIGNATURE,
             lambda: served(services[SERVE].target, [services[SERVE]], examples, s, F.SERVING_SIGNATURE, 1, cc),
             CANDIDATES)
+
+        # The targets' rounds: the ceiling and the batching server back to back, shorter each.
+        rounds = [target_round(rows, s)]
+        short = dataclasses.replace(s, duration_s=s.duration_s / 2, requests=max(1, s.requests // 2))
+        for k in range(1, s.target_rounds):
+            current = []
+
+            def add_round_row(scenario, path, signature, measure, k=k):
+                row = {"scenario": scenario, "group": LOAD, "path": path, "signature": signature} | measure()
+                current.append(row)
+                print(format_row(row | {"scenario": f"round {k + 1}: {scenario}"}), flush=True)
+
+            ceiling_and_batching(short, add_round_row)
+            rounds.append(target_round(current, s))
     finally:
         for service in reversed(list(services.values())):
             service.stop()
@@ -514,11 +625,19 @@ def run(base_path: str, examples_pattern: str, workdir: str, out: str, settings:
     per_set = {row["scenario"]: 1000.0 * n / row["rows_per_s"] for row in rows
                if row["group"] == CANDIDATES and row["rows_per_s"] > 0}
     print(f"ms per {n} candidates (from rows/s): " + "; ".join(f"{k}: {v:.1f}" for k, v in per_set.items()))
+    goals = targets(rounds)
+    print(f"serve+batching / in-process QPS, median of {len(rounds)} rounds: {_fmt(goals['qps_ratio'], 2)} "
+          f"({', '.join(_fmt(r['qps_ratio'], 2) for r in rounds)}; target >= {TARGET_QPS_RATIO}); "
+          f"p99 at {settings.half_load:.0%} load: {_fmt(goals['p99_at_half_load_ms'], 2)} ms "
+          f"({', '.join(_fmt(r['p99_at_half_load_ms'], 1) for r in rounds)}; target <= {TARGET_P99_MS:g}); "
+          f"{'met' if goals['met'] else 'NOT met'}")
     load_after = os.getloadavg()
     result = {
         "model": {"base_path": base_path, "version": version, "version_dir": version_dir,
                   "examples": examples_pattern, "examples_read": len(examples)} | (model_info or {}),
         "settings": dataclasses.asdict(settings),
+        "in_process_tensorflow_threads": in_process_threads,
+        "targets": goals,
         "batching": settings.batching(),
         "router": {"arms": 2, "backend": SERVE, "assignment_log": True},
         "machine": {"cpu_count": os.cpu_count(), "load_average_before": load_before[0],
@@ -560,7 +679,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="uncounted requests before each scenario")
     parser.add_argument("--batch-timeout-micros", type=int, default=DEFAULT_BATCH_TIMEOUT_MICROS,
                         help="batching: how long a batch waits to fill")
-    parser.add_argument("--num-batch-threads", type=int, default=os.cpu_count() or 1, help="batching: threads running batches")
+    parser.add_argument("--num-batch-threads", type=int, default=DEFAULT_NUM_BATCH_THREADS,
+                        help="batch threads of the batching server (see the module docstring)")
+    parser.add_argument("--tensorflow-intra-op-parallelism", type=int, default=DEFAULT_TF_THREADS,
+                        help="TensorFlow's intra-op threads in the servers and the in-process calls (0: TF's choice)")
+    parser.add_argument("--tensorflow-inter-op-parallelism", type=int, default=DEFAULT_TF_THREADS,
+                        help="TensorFlow's inter-op threads in the servers and the in-process calls (0: TF's choice)")
+    parser.add_argument("--half-load", type=float, default=DEFAULT_HALF_LOAD,
+                        help="the latency scenario's rate as a fraction of serve+batching's max QPS")
+    parser.add_argument("--target-rounds", type=int, default=DEFAULT_TARGET_ROUNDS,
+                        help="rounds of in-process + serve+batching the targets take the median of (the first is "
+                             "the main table's)")
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help="generated data, model, service logs")
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results")
 
@@ -571,7 +700,11 @@ def run_from_args(args: argparse.Namespace) -> int:
                         batch=args.batch, candidates=args.candidates,
                         candidates_concurrency=args.candidates_concurrency,
                         warmup=args.warmup, batch_timeout_micros=args.batch_timeout_micros,
-                        num_batch_threads=args.num_batch_threads)
+                        num_batch_threads=args.num_batch_threads,
+                        tensorflow_intra_op_parallelism=args.tensorflow_intra_op_parallelism,
+                        tensorflow_inter_op_parallelism=args.tensorflow_inter_op_parallelism,
+                        half_load=args.half_load, target_rounds=args.target_rounds)
+    _configure_tensorflow_threads(settings)  # before training a model here runs any op
     workdir = os.path.abspath(args.workdir)
     if args.model_dir:
         if not args.examples:

@@ -123,6 +123,8 @@ class BatchScheduler:
     def submit(self, key: Hashable, run: RunFunction, inputs: Arrays, rows: int) -> futures.Future:
         """Queues a task; the future resolves to this task's rows of `run`'s outputs.
 
+        Cancelling the future before its batch runs takes the task out of the batch.
+
         Tasks with the same `key` are merged, so they must share `run` and every input's dtype and
         shape past dimension 0. `inputs` are arrays with `rows` rows each.
 
@@ -207,7 +209,11 @@ class BatchScheduler:
                         task.future.set_exception(e)
 
     def _run(self, queue: _Queue, batch: _Batch) -> None:
-        tasks = batch.tasks
+        # Tasks whose caller gave up (a cancelled future) leave the batch; the others cannot be cancelled now.
+        tasks = [task for task in batch.tasks if task.future.set_running_or_notify_cancel()]
+        if not tasks:
+            return
+        batch.rows = sum(task.rows for task in tasks)
         if len(tasks) == 1:
             inputs = tasks[0].inputs
         else:

@@ -15,11 +15,16 @@
       }
 
 - `--batching_parameters_file`: a `tensorflow.serving.BatchingParameters` in text format, e.g.
-  `max_batch_size { value: 128 } batch_timeout_micros { value: 1000 }`. The
-  `tensorflow-serving-api` package does not ship that proto (it lives in TF Serving's
-  `session_bundle_config.proto`), so `batching_parameters_class()` builds the same message (same
-  package, field names, numbers and wrapper types, fields 1-7) at run time when the package has
-  none. Fields of newer TF Serving releases are not defined and give a parse error naming them.
+  `max_batch_size { value: 128 } batch_timeout_micros { value: 1000 }`.
+- `--monitoring_config_file`: a `tensorflow.serving.MonitoringConfig` in text format,
+  `prometheus_config { enable: true path: "/monitoring/prometheus/metrics" }`: the metrics on the
+  REST API port at that path.
+
+The `tensorflow-serving-api` package does not ship those two protos (they live in TF Serving's
+`session_bundle_config.proto` and `monitoring_config.proto`), so `tf_serving_message_class()`
+builds the same messages (same package, field names, numbers and types; BatchingParameters
+fields 1-7) at run time. Fields of newer TF Serving releases are not defined and give a parse
+error naming them.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ DEFAULT_GRACE_SECONDS = 5.0
 MAX_MESSAGE_BYTES = 2**31 - 1
 DEFAULT_MAX_REQUEST_ROWS = 100_000  # rows (dimension 0) of one request input
 DEFAULT_MAX_REQUEST_ELEMENTS = 2**26  # elements over all decoded input tensors of one request
+DEFAULT_REST_API_TIMEOUT_MS = 30_000  # TF Serving's --rest_api_timeout_in_ms
+DEFAULT_METRICS_PATH = "/monitoring/prometheus/metrics"  # TF Serving's Prometheus path
 
 _MODEL_CONFIG_EXAMPLE = (
     'model_config_list { config { name: "NAME" base_path: "/ABSOLUTE/PATH" model_platform: "tensorflow" } }'
@@ -72,14 +79,18 @@ def parse_model_server_config(text: str, source: str = "<model config>") -> mode
     )
 
 
-def read_model_server_config(path: str) -> model_server_config_pb2.ModelServerConfig:
-    """Reads and validates a --model-config-file."""
+def _read_text(path: str, what: str) -> str:
+    """The text of a config file; ValueError naming it (`what`: "model config") when unreadable."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as e:
-        raise ValueError(f"Cannot read the model config file {path}: {e.strerror}") from None
-    config = parse_model_server_config(text, path)
+        raise ValueError(f"Cannot read the {what} file {path}: {e.strerror}") from None
+
+
+def read_model_server_config(path: str) -> model_server_config_pb2.ModelServerConfig:
+    """Reads and validates a --model-config-file."""
+    config = parse_model_server_config(_read_text(path, "model config"), path)
     try:
         validate_model_server_config(config)
     except ValueError as e:
@@ -145,57 +156,61 @@ def validate_model_server_config(config: model_server_config_pb2.ModelServerConf
                 )
 
 
-# TF Serving's session_bundle_config.proto, message BatchingParameters, fields 1-7.
-_BATCHING_FIELDS = (
-    (1, "max_batch_size", "Int64Value"),
-    (2, "batch_timeout_micros", "Int64Value"),
-    (3, "max_enqueued_batches", "Int64Value"),
-    (4, "num_batch_threads", "Int64Value"),
-    (5, "thread_pool_name", "StringValue"),
-    (6, "allowed_batch_sizes", "repeated int64"),
-    (7, "pad_variable_length_inputs", "bool"),
-)
-_batching_parameters_class = None
+# TF Serving messages the tensorflow-serving-api wheel lacks, with their package, names, numbers
+# and types: session_bundle_config.proto's BatchingParameters (fields 1-7) and
+# monitoring_config.proto's MonitoringConfig.
+_TF_SERVING_MESSAGES = {
+    "BatchingParameters": (
+        (1, "max_batch_size", ".google.protobuf.Int64Value"),
+        (2, "batch_timeout_micros", ".google.protobuf.Int64Value"),
+        (3, "max_enqueued_batches", ".google.protobuf.Int64Value"),
+        (4, "num_batch_threads", ".google.protobuf.Int64Value"),
+        (5, "thread_pool_name", ".google.protobuf.StringValue"),
+        (6, "allowed_batch_sizes", "repeated int64"),
+        (7, "pad_variable_length_inputs", "bool"),
+    ),
+    "PrometheusConfig": ((1, "enable", "bool"), (2, "path", "string")),
+    "MonitoringConfig": ((1, "prometheus_config", ".tensorflow.serving.PrometheusConfig"),),
+}
+_message_classes: dict = {}
+
+
+def tf_serving_message_class(name: str):
+    """The message class `tensorflow.serving.<name>` of `_TF_SERVING_MESSAGES` (see the module docstring)."""
+    if not _message_classes:
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+
+        FieldProto = descriptor_pb2.FieldDescriptorProto
+        scalars = {"bool": FieldProto.TYPE_BOOL, "string": FieldProto.TYPE_STRING, "int64": FieldProto.TYPE_INT64}
+        file_proto = descriptor_pb2.FileDescriptorProto(
+            name="xdctr/serving/tf_serving_config.proto",
+            package="tensorflow.serving",
+            syntax="proto3",
+            dependency=[wrappers_pb2.DESCRIPTOR.name],
+        )
+        for message_name, fields in _TF_SERVING_MESSAGES.items():
+            message = file_proto.message_type.add(name=message_name)
+            for number, field_name, kind in fields:
+                field = message.field.add(name=field_name, number=number, json_name=field_name,
+                                          label=FieldProto.LABEL_OPTIONAL)
+                if kind.startswith("repeated "):
+                    field.label, kind = FieldProto.LABEL_REPEATED, kind.split()[1]
+                if kind.startswith("."):
+                    field.type, field.type_name = FieldProto.TYPE_MESSAGE, kind
+                else:
+                    field.type = scalars[kind]
+        pool = descriptor_pool.DescriptorPool()
+        pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+        pool.Add(file_proto)
+        for message_name in _TF_SERVING_MESSAGES:
+            _message_classes[message_name] = message_factory.GetMessageClass(
+                pool.FindMessageTypeByName(f"tensorflow.serving.{message_name}"))
+    return _message_classes[name]
 
 
 def batching_parameters_class():
-    """TF Serving's `tensorflow.serving.BatchingParameters` message class (see the module docstring)."""
-    global _batching_parameters_class
-    if _batching_parameters_class is not None:
-        return _batching_parameters_class
-    try:
-        from tensorflow_serving.servables.tensorflow import session_bundle_config_pb2
-
-        _batching_parameters_class = session_bundle_config_pb2.BatchingParameters
-        return _batching_parameters_class
-    except ImportError:
-        pass
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
-
-    FieldProto = descriptor_pb2.FieldDescriptorProto
-    file_proto = descriptor_pb2.FileDescriptorProto(
-        name="xdctr/serving/session_bundle_config.proto",
-        package="tensorflow.serving",
-        syntax="proto3",
-        dependency=[wrappers_pb2.DESCRIPTOR.name],
-    )
-    message = file_proto.message_type.add(name="BatchingParameters")
-    for number, name, kind in _BATCHING_FIELDS:
-        field = message.field.add(name=name, number=number, json_name=name)
-        if kind == "repeated int64":
-            field.label, field.type = FieldProto.LABEL_REPEATED, FieldProto.TYPE_INT64
-        elif kind == "bool":
-            field.label, field.type = FieldProto.LABEL_OPTIONAL, FieldProto.TYPE_BOOL
-        else:
-            field.label, field.type = FieldProto.LABEL_OPTIONAL, FieldProto.TYPE_MESSAGE
-            field.type_name = f".google.protobuf.{kind}"
-    pool = descriptor_pool.DescriptorPool()
-    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
-    pool.Add(file_proto)
-    _batching_parameters_class = message_factory.GetMessageClass(
-        pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")
-    )
-    return _batching_parameters_class
+    """TF Serving's `tensorflow.serving.BatchingParameters` message class."""
+    return tf_serving_message_class("BatchingParameters")
 
 
 def parse_batching_parameters(text: str, source: str = "<batching parameters>") -> BatchingOptions:
@@ -221,13 +236,30 @@ def parse_batching_parameters(text: str, source: str = "<batching parameters>") 
         raise ValueError(f"{source}: {e}") from None
 
 
+def parse_monitoring_config(text: str, source: str = "<monitoring config>") -> Optional[str]:
+    """The metrics path a MonitoringConfig text proto enables; None when Prometheus export is off."""
+    config = _parse_text(
+        text,
+        tf_serving_message_class("MonitoringConfig")(),
+        source,
+        f'a tensorflow.serving.MonitoringConfig in text format, e.g. prometheus_config {{ enable: true '
+        f'path: "{DEFAULT_METRICS_PATH}" }}',
+    )
+    prometheus = config.prometheus_config
+    if not prometheus.enable:
+        return None
+    path = prometheus.path or DEFAULT_METRICS_PATH
+    if not path.startswith("/"):
+        raise ValueError(f"{source}: prometheus_config.path must start with '/'. Received: {path!r}")
+    return path
+
+
+def read_monitoring_config(path: str) -> Optional[str]:
+    return parse_monitoring_config(_read_text(path, "monitoring config"), path)
+
+
 def read_batching_parameters(path: str) -> BatchingOptions:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ValueError(f"Cannot read the batching parameters file {path}: {e.strerror}") from None
-    return parse_batching_parameters(text, path)
+    return parse_batching_parameters(_read_text(path, "batching parameters"), path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,12 +278,19 @@ class ServerOptions:
       enable_batching: dynamic batching across requests (off by default, as in TF Serving).
       batching_parameters_file: BatchingParameters text file; needs `enable_batching`.
       batching: the batching knobs directly (instead of the file).
+      rest_api_port: serve TF Serving's REST API on this port (0: a free port; None: off).
+      rest_api_timeout_in_ms: how long a REST request may wait for a batch.
+      monitoring_config_file: TF Serving's MonitoringConfig text file; with Prometheus export on,
+        the metrics are served on the REST API port at its path (needs `rest_api_port`).
       monitoring_port: serve Prometheus metrics over HTTP on this port (0: a free port; None: off).
       monitoring_host: the address of that HTTP server.
       admin_token: when set, HandleReloadConfigRequest needs `authorization: Bearer <token>`.
       allow_remote_admin: accept HandleReloadConfigRequest from non-loopback peers.
       max_workers: gRPC handler threads (with batching, at least twice max_batch_size requests
         must be able to wait at once for full batches).
+      tensorflow_intra_op_parallelism, tensorflow_inter_op_parallelism: TensorFlow's thread pools
+        (TF Serving's flags; 0 lets TensorFlow choose, one thread per core). Small models under
+        concurrent load spend less CPU per call with 1: the concurrency comes from the requests.
       grace: seconds in-flight requests get to finish at shutdown.
       max_request_bytes: gRPC receive limit; larger messages get RESOURCE_EXHAUSTED from gRPC.
       max_request_rows: rows (dimension 0) one request input may carry (RESOURCE_EXHAUSTED above).
@@ -269,11 +308,16 @@ class ServerOptions:
     enable_batching: bool = False
     batching_parameters_file: Optional[str] = None
     batching: Optional[BatchingOptions] = None
+    rest_api_port: Optional[int] = None
+    rest_api_timeout_in_ms: int = DEFAULT_REST_API_TIMEOUT_MS
+    monitoring_config_file: Optional[str] = None
     monitoring_port: Optional[int] = None
     monitoring_host: str = "127.0.0.1"
     admin_token: Optional[str] = None
     allow_remote_admin: bool = False
     max_workers: int = 16
+    tensorflow_intra_op_parallelism: int = 0
+    tensorflow_inter_op_parallelism: int = 0
     grace: float = DEFAULT_GRACE_SECONDS
     max_request_bytes: int = MAX_MESSAGE_BYTES
     max_request_rows: int = DEFAULT_MAX_REQUEST_ROWS
@@ -291,14 +335,19 @@ class ServerOptions:
             raise ValueError("Batching parameters were given but batching is off; add --enable-batching.")
         if self.batching_parameters_file and self.batching:
             raise ValueError("Give batching parameters as a file or as options, not both.")
-        for name in ("port", "monitoring_port"):
+        if self.monitoring_config_file and self.rest_api_port is None:
+            raise ValueError("--monitoring_config_file serves the metrics on the REST API port; add --rest_api_port "
+                             "(or use --monitoring-port).")
+        for name in ("port", "rest_api_port", "monitoring_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 raise ValueError(f"`{name}` must be in [0, 65535]. Received: {name}={value}")
-        for name in ("model_config_file_poll_wait_seconds", "file_system_poll_wait_seconds", "grace"):
+        for name in ("model_config_file_poll_wait_seconds", "file_system_poll_wait_seconds", "grace",
+                     "tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0. Received: {name}={getattr(self, name)}")
-        for name in ("max_workers", "max_request_bytes", "max_request_rows", "max_request_elements"):
+        for name in ("max_workers", "max_request_bytes", "max_request_rows", "max_request_elements",
+                     "rest_api_timeout_in_ms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1. Received: {name}={getattr(self, name)}")
         if self.max_request_bytes > MAX_MESSAGE_BYTES:
@@ -311,6 +360,10 @@ class ServerOptions:
         if self.model_config_file is not None:
             return read_model_server_config(self.model_config_file)
         return single_model_config(self.model_name, self.model_base_path)
+
+    def metrics_path_on_rest_port(self) -> Optional[str]:
+        """Where the REST API port serves the metrics (from --monitoring_config_file), or None."""
+        return read_monitoring_config(self.monitoring_config_file) if self.monitoring_config_file else None
 
     def batching_options(self) -> Optional[BatchingOptions]:
         """The batching knobs, or None when batching is off."""

@@ -5,6 +5,11 @@
 bounds are required. No call outlives the time bound: each call's gRPC deadline is cut to the time
 left, and a call cut that way counts as `unfinished`, not as an error.
 
+With `rate_qps` the load is open-loop instead: request k is due at start + k / rate_qps, the
+threads (at most `concurrency` calls in flight) send each when it is due, and its latency runs from
+when it was due, so a server that falls behind shows it in the percentiles (no coordinated
+omission) rather than lowering the rate.
+
 Only loopback targets (`localhost`, 127.0.0.0/8, ::1, unix sockets) are accepted unless
 `allow_remote=True` (`--allow-remote`), so a typo cannot load-test someone else's server.
 
@@ -188,9 +193,11 @@ def build_requests(
 class _Loop:
     """Shared state of the worker threads: the two bounds, the counters and the latencies."""
 
-    def __init__(self, requests: int, deadline: float):
+    def __init__(self, requests: int, start: float, duration_s: float, rate_qps: Optional[float] = None):
         self.limit = requests
-        self.deadline = deadline
+        self.start = start
+        self.deadline = start + duration_s
+        self.interval = None if rate_qps is None else 1.0 / rate_qps
         self.lock = threading.Lock()
         self.sent = 0
         self.latencies_s: list[float] = []
@@ -198,13 +205,18 @@ class _Loop:
         self.first_error: dict[str, str] = {}
         self.unfinished = 0
 
-    def claim(self) -> Optional[int]:
-        """The next request's index, or None once either bound is reached."""
+    def claim(self) -> Optional[tuple[int, float]]:
+        """(index, time due) of the next request, or None once either bound is reached.
+
+        Closed loop: due now. Open loop (`interval`): due at start + index * interval.
+        """
         with self.lock:
-            if self.sent >= self.limit or time.monotonic() >= self.deadline:
+            now = time.monotonic()
+            due = now if self.interval is None else self.start + self.sent * self.interval
+            if self.sent >= self.limit or max(now, due) >= self.deadline:
                 return None
             self.sent += 1
-            return self.sent - 1
+            return self.sent - 1, due
 
     def record_ok(self, latency_s: float) -> None:
         with self.lock:
@@ -225,10 +237,13 @@ def _worker(target: str, requests: list, loop: _Loop, rpc_timeout_s: float, chan
 
     with grpc.insecure_channel(target, options=channel_options) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        while (index := loop.claim()) is not None:
+        while (claimed := loop.claim()) is not None:
+            index, due = claimed
             request = requests[index % len(requests)]
-            start = time.monotonic()
-            timeout = min(rpc_timeout_s, loop.deadline - start)
+            if due > time.monotonic():
+                time.sleep(due - time.monotonic())
+            start = min(due, time.monotonic())  # a late send's wait counts (open loop)
+            timeout = min(rpc_timeout_s, loop.deadline - time.monotonic())
             cut_by_time_bound = timeout < rpc_timeout_s
             if timeout <= 0:
                 loop.record_unfinished()
@@ -297,6 +312,7 @@ def run(
     version: Optional[int] = None,
     version_label: Optional[str] = None,
     allow_remote: bool = False,
+    rate_qps: Optional[float] = None,
     warmup: int = 0,
     rpc_timeout_s: float = DEFAULT_RPC_TIMEOUT_S,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
@@ -316,6 +332,7 @@ def run(
       candidates: candidates per `score_candidates` request.
       version, version_label: pin the served version (at most one of them).
       allow_remote: accept a target that is not a loopback address.
+      rate_qps: send at this fixed rate (open loop, see the module docstring); None: closed loop.
       warmup: requests sent one at a time before the clock starts, and not counted (the first
         calls of a signature can include its tracing); bounded by `duration_s` too.
       rpc_timeout_s: deadline of one call (cut to the time left under `duration_s`).
@@ -341,6 +358,8 @@ def run(
                         ("connect_timeout_s", connect_timeout_s)):
         if not value > 0 or math.isinf(value):
             raise ValueError(f"`{name}` must be a positive, finite number of seconds. Received: {name}={value!r}")
+    if rate_qps is not None and not (rate_qps > 0 and math.isfinite(rate_qps)):
+        raise ValueError(f"`rate_qps` must be a positive number of requests per second. Received: {rate_qps!r}")
     if signature not in SIGNATURES:
         raise ValueError(f"`signature` must be one of {list(SIGNATURES)}. Received: signature={signature!r}")
     if not examples:
@@ -359,7 +378,7 @@ def run(
     _connect_and_warm_up(target, connect_timeout_s, channel_options, prebuilt, warmup, duration_s, rpc_timeout_s)
 
     start = time.monotonic()
-    loop = _Loop(requests, start + duration_s)
+    loop = _Loop(requests, start, duration_s, rate_qps)
     threads = [
         threading.Thread(target=_worker, args=(target, prebuilt, loop, rpc_timeout_s, channel_options),
                          name=f"loadtest-{i}", daemon=True)
@@ -382,6 +401,7 @@ def run(
         "signature": signature,
         "rows_per_request": rows,
         "concurrency": concurrency,
+        "rate_qps": rate_qps,
         "warmup": warmup,
         "requests_limit": requests,
         "duration_limit_s": duration_s,
@@ -406,9 +426,10 @@ def format_summary(result: dict) -> str:
     else:
         latency_text = "latency ms " + " ".join(f"{k} {latency[k]:.2f}" for k in ("p50", "p95", "p99", "max"))
     errors = ", ".join(f"{code}={n}" for code, n in result["errors"].items()) or "none"
+    rate = "" if result.get("rate_qps") is None else f" rate={result['rate_qps']:g}/s"
     return (
         f"loadtest {result['target']} {result['model_name']}/{result['signature']} "
-        f"rows/request={result['rows_per_request']} concurrency={result['concurrency']}: "
+        f"rows/request={result['rows_per_request']} concurrency={result['concurrency']}{rate}: "
         f"{result['ok']}/{result['sent']} ok in {result['elapsed_s']:.2f} s (stopped by {result['stopped_by']}), "
         f"{result['qps']:.1f} QPS, {result['rows_per_s']:.0f} rows/s, {latency_text}, "
         f"errors: {errors}, unfinished: {result['unfinished']}"
@@ -425,6 +446,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=DEFAULT_REQUESTS, help="stop after this many requests")
     parser.add_argument("--duration", type=float, default=DEFAULT_DURATION_S, help="stop after this many seconds")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="client threads (closed loop)")
+    parser.add_argument("--rate", type=float, help="open loop: send this many requests per second (latency from "
+                                                   "each request's due time)")
     parser.add_argument("--signature", choices=SIGNATURES, default=F.SERVING_SIGNATURE, help="signature to call")
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"examples per {F.SERVING_SIGNATURE} request")
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
@@ -447,7 +470,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     result = run(
         args.target, args.model_name, examples, args.requests, args.duration, args.concurrency, args.signature,
         args.batch, args.candidates, version=args.version, version_label=args.version_label,
-        allow_remote=args.allow_remote, warmup=args.warmup, rpc_timeout_s=args.timeout,
+        allow_remote=args.allow_remote, rate_qps=args.rate, warmup=args.warmup, rpc_timeout_s=args.timeout,
     )
     print(format_summary(result))
     if args.out:

@@ -24,6 +24,7 @@ Logs: `log_event(logger, level, event, **fields)` logs one event with named fiel
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import http.server
 import json
@@ -42,6 +43,15 @@ UNLOAD = "unload"
 
 _EVENT = "xdctr_event"
 _FIELDS = "xdctr_fields"
+
+
+@dataclasses.dataclass
+class RequestLabels:
+    """What a request resolved to, for its metrics (filled in as it is resolved)."""
+
+    model: str = ""
+    version: str = ""
+    signature: str = ""
 
 
 class ServingMetrics:
@@ -108,7 +118,7 @@ class ServingMetrics:
 
 
 class _MetricsHandler(http.server.BaseHTTPRequestHandler):
-    metrics: ServingMetrics  # set on the per-server subclass
+    metrics: Any  # set on the per-server subclass: anything with `exposition() -> bytes`
 
     def do_GET(self):  # noqa: N802 (http.server's name)
         if self.path.split("?", 1)[0] != METRICS_PATH:
@@ -126,9 +136,9 @@ class _MetricsHandler(http.server.BaseHTTPRequestHandler):
 
 
 class MetricsHTTPServer:
-    """Serves `metrics` at http://host:port/monitoring/prometheus/metrics on a daemon thread."""
+    """Serves `metrics` (`exposition() -> bytes`) at http://host:port/monitoring/prometheus/metrics on a daemon thread."""
 
-    def __init__(self, metrics: ServingMetrics, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, metrics, host: str = "127.0.0.1", port: int = 0):
         handler = type("MetricsHandler", (_MetricsHandler,), {"metrics": metrics})
         try:
             self._server = http.server.ThreadingHTTPServer((host, port), handler)

@@ -5,7 +5,8 @@ Speaks `tensorflow.serving.PredictionService` on both sides with the stubs of
 backends are `xdctr serve` processes or real TF Serving. For each call the router picks the user's
 arm, rewrites the request's `model_spec` to the arm's model (name plus version or version label;
 the signature name is kept), forwards it to the arm's backend and returns the backend's response.
-Predict, GetModelMetadata, Classify and Regress are forwarded; MultiInference is not.
+Predict, GetModelMetadata, Classify, Regress and MultiInference (every task's model spec rewritten)
+are forwarded.
 
 Experiment config (YAML; polled, reloaded when the file changes; a bad new file is logged and the
 old config kept):
@@ -27,6 +28,9 @@ old config kept):
     fallback_arm: control           # optional: answers when the assigned arm's backend fails
     anonymous_arm: control          # optional: see "Requests without a user id"
     deadline_seconds: 2.0           # per backend call (default 5); the client's deadline if shorter
+
+A backend is HOST:PORT (`[v6]:PORT`, `dns:///HOST:PORT`) or `unix:PATH`; any other address is
+refused when the config is read, at start and on reload (the old config stays).
 
 The user id: the call metadata `user_metadata_key` when present (it wins), otherwise the
 `xdctr.features.USER_ID` feature of the first serialized tf.Example in the `SERVING_INPUT` tensor
@@ -68,11 +72,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.server
+import ipaddress
 import json
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -91,6 +96,7 @@ from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from serving import ab_report as log_format
+from serving.monitoring import MetricsHTTPServer, configure_json_logging, log_event
 from xdctr import features as F
 
 logger = logging.getLogger(__name__)
@@ -217,6 +223,30 @@ def _number(value, field: str) -> float:
     return float(value)
 
 
+_HOST_PORT = re.compile(r"(?:dns:(?://[^/]*/)?)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
+                        r":(?P<port>\d{1,5})")
+
+
+def _backend(value, field: str) -> str:
+    """A backend address gRPC can dial: HOST:PORT ([v6]:PORT, dns:///HOST:PORT) or unix:PATH."""
+    address = _string(value, field)
+    if address.startswith(("unix:", "unix-abstract:")) and len(address.split(":", 1)[1]) > 0:
+        return address
+    match = _HOST_PORT.fullmatch(address)
+    host_ok = match is not None and (not match["host"].startswith("[") or _is_ipv6(match["host"][1:-1]))
+    if not (host_ok and 1 <= int(match["port"]) <= 65535):
+        raise ValueError(f"`{field}` must be HOST:PORT with a port in 1-65535 (e.g. 127.0.0.1:8500, [::1]:8500, "
+                         f"dns:///serving:8500) or unix:PATH. Received: {address!r}")
+    return address
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
 def _arm_from_dict(values, where: str) -> Arm:
     if not isinstance(values, dict):
         raise ValueError(f"`{where}` must be a mapping with name, backend, model_name and weight. Received: {values!r}")
@@ -238,7 +268,7 @@ def _arm_from_dict(values, where: str) -> Arm:
     label = values.get("version_label")
     return Arm(
         name=_string(values["name"], f"{where}.name"),
-        backend=_string(values["backend"], f"{where}.backend"),
+        backend=_backend(values["backend"], f"{where}.backend"),
         model_name=_string(values["model_name"], f"{where}.model_name"),
         version=version,
         version_label=None if label is None else _string(label, f"{where}.version_label"),
@@ -379,6 +409,10 @@ class RouterMetrics:
         self.latency = prometheus_client.Histogram(
             "xdctr_router_request_seconds", "Backend call latency per arm.", ["arm", "method"], registry=self.registry)
 
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        return prometheus_client.generate_latest(self.registry)
+
 
 class AssignmentLog:
     """Buffered JSON Lines writer (appends; thread-safe); `flush` writes the buffer out."""
@@ -490,13 +524,15 @@ class RouterServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def _call_arm(self, config: ExperimentConfig, arm: Arm, method: str, request, context, request_id: str):
         forwarded = type(request)()
         forwarded.CopyFrom(request)
-        spec = forwarded.model_spec
-        spec.name = arm.model_name
-        spec.ClearField("version_choice")
-        if arm.version is not None:
-            spec.version.value = arm.version
-        elif arm.version_label is not None:
-            spec.version_label = arm.version_label
+        # MultiInference names the model in every task; the other methods in `model_spec`.
+        specs = [task.model_spec for task in forwarded.tasks] if method == "MultiInference" else [forwarded.model_spec]
+        for spec in specs:
+            spec.name = arm.model_name
+            spec.ClearField("version_choice")
+            if arm.version is not None:
+                spec.version.value = arm.version
+            elif arm.version_label is not None:
+                spec.version_label = arm.version_label
         timeout = config.deadline_seconds
         remaining = context.time_remaining()
         if remaining is not None:
@@ -533,7 +569,8 @@ class RouterServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 self._abort(context, failure.code, failure.details, request_id, served)
             if fallback is None or fallback == served.name:
                 self._abort(context, failure.code, failure.message(), request_id, served)
-            logger.warning("%s; answering from fallback arm %r", failure.message(), fallback)
+            log_event(logger, logging.WARNING, "arm_failed_using_fallback", arm=served.name, backend=served.backend,
+                      code=failure.code.name, error=failure.details, fallback_arm=fallback, request_id=request_id)
             self.metrics.fallbacks.labels(served.name, fallback).inc()
             served = config.arm(fallback)
             try:
@@ -564,6 +601,9 @@ class RouterServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def Regress(self, request, context):
         return self._forward("Regress", request, context, _user_from_examples)[0]
 
+    def MultiInference(self, request, context):
+        return self._forward("MultiInference", request, context, _user_from_examples)[0]
+
     def _log(self, request, response, routing: _Routing, served: Arm, request_id: str) -> None:
         scores = None
         output = response.outputs.get(F.SERVING_OUTPUT)
@@ -571,7 +611,7 @@ class RouterServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             try:
                 scores = [float(x) for x in np.asarray(make_ndarray(output), dtype=np.float64).reshape(-1)]
             except (TypeError, ValueError):
-                logger.warning("Output %r of request %s is not numeric; logged without scores", F.SERVING_OUTPUT, request_id)
+                log_event(logger, logging.WARNING, "scores_not_numeric", output=F.SERVING_OUTPUT, request_id=request_id)
         spec = response.model_spec
         self.assignment_log.write({
             log_format.LOG_REQUEST_ID: request_id,
@@ -592,25 +632,6 @@ class RouterServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
 # ----------------------------------------------------------------------------------------------
 # Running it
-
-
-def _metrics_handler(registry):
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
-            if self.path.split("?", 1)[0] != METRICS_PATH:
-                self.send_error(404, f"metrics are at {METRICS_PATH}")
-                return
-            body = prometheus_client.generate_latest(registry)
-            self.send_response(200)
-            self.send_header("Content-Type", prometheus_client.CONTENT_TYPE_LATEST)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format, *args):  # noqa: A002 (http.server's signature)
-            logger.debug("monitoring: " + format, *args)
-
-    return Handler
 
 
 def _address(host: str, port: int) -> str:
@@ -641,7 +662,7 @@ class RunningRouter:
         self.port = port
         self.servicer = servicer
         self.metrics = metrics
-        self.monitoring_port = http_server.server_address[1] if http_server is not None else None
+        self.monitoring_port = http_server.port if http_server is not None else None
         self._health = health_servicer
         self._http_server = http_server
         self._assignment_log = assignment_log
@@ -650,8 +671,6 @@ class RunningRouter:
         self._stop = threading.Event()
         self._stopped = False
         self._threads = []
-        if http_server is not None:
-            self._threads.append(threading.Thread(target=http_server.serve_forever, name="xdctr-router-metrics", daemon=True))
         self._threads.append(threading.Thread(target=self._poll, name="xdctr-router-poll", daemon=True))
         for thread in self._threads:
             thread.start()
@@ -675,11 +694,12 @@ class RunningRouter:
         try:
             config = load_config(self.config_path)
         except (ValueError, OSError) as e:
-            logger.warning("Keeping the current experiment config; the new %s is unusable: %s", self.config_path, e)
+            log_event(logger, logging.WARNING, "config_reload_refused", path=self.config_path, error=str(e),
+                      kept="the current experiment config")
             return False
         self.servicer.config = config
-        logger.info("Reloaded experiment config %s: %s", self.config_path,
-                    ", ".join(f"{arm.name}={arm.weight:g}" for arm in config.arms))
+        log_event(logger, logging.INFO, "config_reloaded", path=self.config_path,
+                  weights={arm.name: arm.weight for arm in config.arms})
         return True
 
     def stop(self, grace: Optional[float] = None) -> None:
@@ -691,8 +711,7 @@ class RunningRouter:
         self._health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         if self._http_server is not None:
-            self._http_server.shutdown()
-            self._http_server.server_close()
+            self._http_server.stop()
         for thread in self._threads:
             thread.join(timeout=5.0)
         self.servicer.close()
@@ -728,13 +747,7 @@ def start_router(
         raise ValueError(f"`poll_seconds` must be positive. Received: poll_seconds={poll_seconds!r}")
     config = load_config(config_path)
     metrics = RouterMetrics()
-    http_server = None
-    if monitoring_port is not None:
-        try:
-            http_server = http.server.ThreadingHTTPServer((host, monitoring_port), _metrics_handler(metrics.registry))
-        except OSError as e:
-            raise ValueError(f"Cannot bind the router's metrics endpoint to {_address(host, monitoring_port)}: {e}") from e
-        http_server.daemon_threads = True
+    http_server = MetricsHTTPServer(metrics, host, monitoring_port) if monitoring_port is not None else None
     log = AssignmentLog(assignment_log) if assignment_log is not None else None
     servicer = RouterServicer(config, metrics, log)
     server = grpc.server(
@@ -755,7 +768,7 @@ def start_router(
         error = None
     if bound_port == 0:
         if http_server is not None:
-            http_server.server_close()
+            http_server.stop()
         if log is not None:
             log.close()
         raise ValueError(f"Cannot bind the router to {address}" + (f": {error}" if error else "."))
@@ -780,19 +793,18 @@ def add_arguments(parser) -> None:
 
 def run_from_args(args) -> int:
     """Runs `xdctr route` until SIGINT or SIGTERM (must run in the main thread)."""
-    logging.getLogger().setLevel(logging.INFO)  # the ready, reload and shutdown lines
+    configure_json_logging(logging.INFO)  # one JSON object per line, as `xdctr serve` logs
     router = start_router(os.path.abspath(args.config), args.port, args.host, args.assignment_log, args.monitoring_port)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        config = router.config
-        logger.info("Routing at %s: %s%s", _address(args.host, router.port),
-                    ", ".join(f"{arm.name} ({arm.model_name} at {arm.backend}, weight {arm.weight:g})" for arm in config.arms),
-                    f"; metrics at :{router.monitoring_port}{METRICS_PATH}" if router.monitoring_port else "")
+        log_event(logger, logging.INFO, "router_started", address=_address(args.host, router.port),
+                  arms=[dataclasses.asdict(arm) for arm in router.config.arms],
+                  monitoring=f":{router.monitoring_port}{METRICS_PATH}" if router.monitoring_port else None)
         stop.wait()
-        logger.info("Stopping: letting running requests finish for up to %.1f s", DEFAULT_GRACE_SECONDS)
+        log_event(logger, logging.INFO, "router_stopping", grace_seconds=DEFAULT_GRACE_SECONDS)
         router.stop(DEFAULT_GRACE_SECONDS)
-        logger.info("Stopped.")
+        log_event(logger, logging.INFO, "router_stopped")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -3,8 +3,8 @@
 The file is TF Serving's: a TFRecord of `tensorflow.serving.PredictionLog`, at most 1000 records.
 TF Serving replays each logged request once against the freshly loaded SavedModel (ignoring the
 model name and version in the logged `model_spec`) and fails the load when a request fails; so
-does `xdctr serve`. Predict, Classify and Regress logs are replayed; other log types fail the load
-as in TF Serving ("Unsupported log_type for warmup").
+does `xdctr serve`. Predict, Classify, Regress and MultiInference logs are replayed; other log
+types (session_run_log) fail the load as in TF Serving ("Unsupported log_type for warmup").
 
 The trainer writes the file with `components.trainer.export.write_warmup_requests`.
 """
@@ -50,7 +50,8 @@ def read_warmup_logs(version_path: str) -> list[prediction_log_pb2.PredictionLog
     return logs
 
 
-def replay_warmup(version_path: str, predict: Handler, classify: Handler, regress: Handler) -> int:
+def replay_warmup(version_path: str, predict: Handler, classify: Handler, regress: Handler,
+                  multi_inference: Handler) -> int:
     """Runs every logged request through the matching handler; returns how many ran.
 
     A handler's exception propagates (the version must not load).
@@ -59,6 +60,7 @@ def replay_warmup(version_path: str, predict: Handler, classify: Handler, regres
         "predict_log": (predict, lambda log: log.predict_log.request),
         "classify_log": (classify, lambda log: log.classify_log.request),
         "regress_log": (regress, lambda log: log.regress_log.request),
+        "multi_inference_log": (multi_inference, lambda log: log.multi_inference_log.request),
     }
     logs = read_warmup_logs(version_path)
     for index, log in enumerate(logs):

@@ -78,7 +78,8 @@ def benchmark(tmp_path_factory):
     out = str(tmp / "serve.json")
     args = _parse(["--model-dir", model_dir, "--examples", examples, "--workdir", str(tmp / "work"), "--out", out,
                    "--requests", str(REQUESTS), "--duration", "20", "--concurrency", str(CONCURRENCY),
-                   "--batch", str(BATCH), "--candidates", str(CANDIDATES), "--warmup", "1"])
+                   "--batch", str(BATCH), "--candidates", str(CANDIDATES), "--warmup", "1",
+                   "--target-rounds", "2"])
     assert serve.run_from_args(args) == 0
     with open(out) as f:
         return json.load(f)
@@ -91,6 +92,7 @@ def test_every_scenario_runs_without_errors(benchmark):
         (serve.IN_PROCESS, F.SERVING_SIGNATURE, CONCURRENCY * BATCH),
         (serve.SERVE, F.SERVING_SIGNATURE, BATCH),
         (serve.SERVE_BATCHING, F.SERVING_SIGNATURE, BATCH),
+        (serve.SERVE_BATCHING, F.SERVING_SIGNATURE, BATCH),  # open loop at half load
         (serve.ROUTE, F.SERVING_SIGNATURE, BATCH),
         (serve.IN_PROCESS, F.SCORE_CANDIDATES_SIGNATURE, CANDIDATES),
         (serve.SERVE, F.SCORE_CANDIDATES_SIGNATURE, CANDIDATES),
@@ -98,8 +100,12 @@ def test_every_scenario_runs_without_errors(benchmark):
         (serve.SERVE, F.SERVING_SIGNATURE, CANDIDATES),
         (serve.SERVE, F.SERVING_SIGNATURE, 1),
     ]
-    assert [r["group"] for r in results] == [serve.LOAD] * 5 + [serve.CANDIDATES] * 5
-    assert [r["concurrency"] for r in results] == [1, 1, CONCURRENCY, CONCURRENCY, CONCURRENCY, 1, 1, 1, 1, 1]
+    assert [r["group"] for r in results] == [serve.LOAD] * 6 + [serve.CANDIDATES] * 5
+    assert [r["concurrency"] for r in results] == [1, 1, CONCURRENCY, CONCURRENCY, 2 * CONCURRENCY, CONCURRENCY,
+                                                   1, 1, 1, 1, 1]
+    closed_loop_qps = results[3]["qps"]
+    assert results[4]["rate_qps"] == pytest.approx(0.5 * closed_loop_qps)
+    assert [r["rate_qps"] for r in results[:4] + results[5:]] == [None] * 10
     for r in results:
         # 8 requests finish well within 20 s: every scenario stops by the request bound.
         assert (r["sent"], r["ok"], r["errors"], r["unfinished"], r["stopped_by"]) == (REQUESTS, REQUESTS, {}, 0,
@@ -129,12 +135,25 @@ def test_server_metrics_show_the_rows_per_signature_run(benchmark):
     assert runs["serve, 1-row requests"] == 1
     # With batching, requests may merge, never split: between one request and all in flight.
     assert BATCH <= runs["serve+batching"] <= CONCURRENCY * BATCH
+    assert BATCH <= runs["serve+batching at 50% load"] <= 2 * CONCURRENCY * BATCH
     assert runs[f"in-process, score_candidates {CANDIDATES}"] == CANDIDATES
 
 
 def test_settings_and_candidate_summary_are_recorded(benchmark):
     assert benchmark["batching"] == {"max_batch_size": CONCURRENCY * BATCH, "batch_timeout_micros": 1000,
-                                     "num_batch_threads": benchmark["machine"]["cpu_count"], "max_enqueued_batches": 10}
+                                     "num_batch_threads": 1, "max_enqueued_batches": 10}
+    rows = {r["scenario"]: r for r in benchmark["results"]}
+    goals = benchmark["targets"]
+    first, second = goals["rounds"]  # the main table's round, then one more
+    assert first["qps_ratio"] == pytest.approx(rows["serve+batching"]["qps"] / rows[f"in-process, batch {BATCH}"]["qps"])
+    assert first["p99_at_half_load_ms"] == rows["serve+batching at 50% load"]["latency_ms"]["p99"]
+    assert second["qps_ratio"] == pytest.approx(second["serve_batching_qps"] / second["in_process_qps"])
+    assert goals["qps_ratio"] == pytest.approx((first["qps_ratio"] + second["qps_ratio"]) / 2)  # the median of 2
+    assert goals["p99_at_half_load_ms"] == pytest.approx(
+        (first["p99_at_half_load_ms"] + second["p99_at_half_load_ms"]) / 2)
+    assert (goals["qps_ratio_target"], goals["p99_target_ms"]) == (0.7, 20.0)
+    assert goals["met"] == (goals["qps_ratio"] >= 0.7 and goals["p99_at_half_load_ms"] <= 20.0)
+    assert set(benchmark["in_process_tensorflow_threads"]) == {"intra_op", "inter_op"}
     assert benchmark["settings"]["requests"] == REQUESTS
     assert benchmark["model"]["version"] == 1 and benchmark["model"]["examples_read"] == NUM_EXAMPLES
     per_set = benchmark["ms_per_candidate_set"]
@@ -154,3 +173,5 @@ def test_settings_refuse_bad_values():
         serve.Settings(concurrency=0)
     with pytest.raises(ValueError, match="`duration_s` must be a positive number"):
         serve.Settings(duration_s=0)
+    with pytest.raises(ValueError, match="`half_load` must be in"):
+        serve.Settings(half_load=1.0)

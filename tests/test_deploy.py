@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
+from google.protobuf import text_format
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
@@ -73,48 +73,11 @@ def mount_path_of_config_map(deployment: dict, config_map_name: str) -> str:
     return mount["mountPath"]
 
 
-# TF Serving's BatchingParameters (servables/tensorflow/session_bundle_config.proto) and
-# MonitoringConfig (config/monitoring_config.proto) are not in the tensorflow-serving-api wheel,
-# which ships only tensorflow_serving/apis and three files of tensorflow_serving/config. The messages
-# are rebuilt here with the same package, names, types and field numbers, so text_format parses the
-# files exactly as TF Serving's C++ parser does (unknown fields and wrong types are errors).
-TF_SERVING_FIELDS = {
-    "BatchingParameters": [
-        (1, "max_batch_size", ".google.protobuf.Int64Value"),
-        (2, "batch_timeout_micros", ".google.protobuf.Int64Value"),
-        (3, "max_enqueued_batches", ".google.protobuf.Int64Value"),
-        (4, "num_batch_threads", ".google.protobuf.Int64Value"),
-        (5, "thread_pool_name", ".google.protobuf.StringValue"),
-        (6, "allowed_batch_sizes", "repeated int64"),
-        (7, "pad_variable_length_inputs", "bool"),
-    ],
-    "PrometheusConfig": [(1, "enable", "bool"), (2, "path", "string")],
-    "MonitoringConfig": [(1, "prometheus_config", ".tensorflow.serving.PrometheusConfig")],
-}
-
-
 def tf_serving_message(name: str):
-    """The message class `tensorflow.serving.<name>` of TF_SERVING_FIELDS."""
-    FieldProto = descriptor_pb2.FieldDescriptorProto
-    scalar_types = {"bool": FieldProto.TYPE_BOOL, "string": FieldProto.TYPE_STRING, "int64": FieldProto.TYPE_INT64}
-    pool = descriptor_pool.DescriptorPool()
-    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
-    file_proto = descriptor_pb2.FileDescriptorProto(
-        name="xdctr_tests/tf_serving_subset.proto", package="tensorflow.serving", syntax="proto3",
-        dependency=["google/protobuf/wrappers.proto"])
-    for message_name, fields in TF_SERVING_FIELDS.items():
-        message = file_proto.message_type.add(name=message_name)
-        for number, field_name, field_type in fields:
-            label = FieldProto.LABEL_OPTIONAL
-            if field_type.startswith("repeated "):
-                label, field_type = FieldProto.LABEL_REPEATED, field_type.split()[1]
-            field = message.field.add(name=field_name, number=number, label=label)
-            if field_type.startswith("."):
-                field.type, field.type_name = FieldProto.TYPE_MESSAGE, field_type
-            else:
-                field.type = scalar_types[field_type]
-    pool.Add(file_proto)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.serving.{name}"))
+    """TF Serving's `tensorflow.serving.<name>` (BatchingParameters, MonitoringConfig), which the
+    tensorflow-serving-api wheel lacks: rebuilt by `xdctr serve` with TF Serving's package, names,
+    types and field numbers, so text_format parses the files as TF Serving's C++ parser does."""
+    return serving_config.tf_serving_message_class(name)
 
 
 def parse_models_config(text: str) -> model_server_config_pb2.ModelServerConfig:
@@ -351,6 +314,22 @@ def test_compose_runs_the_same_servers_with_the_same_flags():
 
 
 # ---- The same models.config in `xdctr serve` -----------------------------------------------------
+
+
+def test_xdctr_serve_takes_the_tf_serving_command_line_unchanged():
+    container = one(load_objects("tf-serving.yaml"), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    server.add_arguments(parser)
+    options = server.options_from_args(parser.parse_args(container["args"]))
+    expected = flags(container["args"])
+    assert (options.port, options.rest_api_port) == (GRPC_PORT, REST_PORT)
+    assert options.model_config_file == expected["--model_config_file"]
+    assert options.model_config_file_poll_wait_seconds == float(expected["--model_config_file_poll_wait_seconds"])
+    assert options.file_system_poll_wait_seconds == float(expected["--file_system_poll_wait_seconds"])
+    assert options.enable_batching is True
+    assert options.batching_parameters_file == expected["--batching_parameters_file"]
+    assert options.monitoring_config_file == expected["--monitoring_config_file"]
+    assert serving_config.read_monitoring_config(str(MONITORING_CONFIG)) == METRICS_PATH
 
 
 def save_toy_model(path, scale: float) -> None:

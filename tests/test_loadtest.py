@@ -90,6 +90,16 @@ def test_time_bound_is_respected(target):
     assert wall < duration + 15.0  # includes building requests and connecting
 
 
+def test_open_loop_sends_at_the_rate(target):
+    result = loadtest.run(target, MODEL_NAME, EXAMPLES, requests=10**9, duration_s=1.0, concurrency=4, rate_qps=40.0)
+    assert result["rate_qps"] == 40.0 and result["stopped_by"] == "time"
+    assert 36 <= result["sent"] <= 40  # k/40 s < 1 s for k = 0..39; a busy machine may end a few late
+    assert result["ok"] + result["unfinished"] + sum(result["errors"].values()) == result["sent"]
+    assert result["qps"] == pytest.approx(result["ok"] / result["elapsed_s"])
+    with pytest.raises(ValueError, match="`rate_qps` must be a positive number"):
+        loadtest.run(target, MODEL_NAME, EXAMPLES, requests=3, duration_s=1.0, rate_qps=0.0)
+
+
 def test_warmup_requests_are_not_counted(target):
     result = loadtest.run(target, MODEL_NAME, EXAMPLES, requests=3, duration_s=60.0, concurrency=1, warmup=5)
     assert (result["warmup"], result["sent"], result["ok"]) == (5, 3, 3)

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import socket
 import threading
 import time
@@ -17,9 +18,9 @@ import pytest
 import tensorflow as tf
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import get_model_metadata_pb2, inference_pb2, prediction_service_pb2_grpc
 
-from serving import ab_report, client, router, server
+from serving import ab_report, client, monitoring, router, server
 from xdctr import features as F
 
 MODEL_NAME = "ctr"
@@ -224,6 +225,10 @@ def test_forced_assignments_win_over_the_hash():
     ({"arm0": {"version_label": "stable"}}, "`arms[0]` names both `version` and `version_label`"),
     ({"arm0": {"name": "b"}}, "arm names must be distinct"),
     ({"arm0": {"weight": 0}, "arm1": {"weight": 0}}, "at least one arm needs a weight > 0"),
+    ({"arm0": {"backend": "not a host port"}}, "`arms[0].backend` must be HOST:PORT"),
+    ({"arm1": {"backend": "127.0.0.1"}}, "`arms[1].backend` must be HOST:PORT"),
+    ({"arm0": {"backend": "127.0.0.1:70000"}}, "port in 1-65535"),
+    ({"arm0": {"backend": "[zz::1]:8500"}}, "Received: '[zz::1]:8500'"),
 ])
 def test_bad_config_is_one_line_naming_file_and_field(tmp_path, change, message):
     config = two_arms(["127.0.0.1:1", "127.0.0.1:2"])
@@ -240,6 +245,13 @@ def test_bad_config_is_one_line_naming_file_and_field(tmp_path, change, message)
     assert str(error.value).startswith(f"{path}: ")
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("backend", ["127.0.0.1:8500", "localhost:1", "serving.ns.svc.cluster.local:8500",
+                                     "[::1]:8500", "dns:///serving:8500", "unix:/tmp/serving.sock"])
+def test_dialable_backend_addresses_are_accepted(tmp_path, backend):
+    config = two_arms([backend, "127.0.0.1:2"])
+    assert router.load_config(write_config(tmp_path / "ok.yaml", config)).arms[0].backend == backend
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
@@ -394,12 +406,20 @@ def test_hot_reload_changes_weights_and_keeps_the_old_config_on_a_bad_file(backe
     assert predict(running, ["u1"])[0] == [VERSION_SCORES[2]]
 
     caplog.set_level(logging.WARNING, logger=router.__name__)
-    path.write_text("salt: s\narms: [\n")
-    os.utime(path, ns=(time.time_ns(), time.time_ns() + 2_000_000_000))
-    wait_for(lambda: "Keeping the current experiment config" in caplog.text, "the bad config to be reported")
-    assert f"{path}:" in caplog.text
-    assert running.config.arms[1].weight == 1
-    assert predict(running, ["u1"])[0] == [VERSION_SCORES[2]]
+    bad_files = {"salt: s\narms: [\n": "not valid YAML",
+                 yaml.safe_dump(two_arms([backends[0], "not a host port"], weights=(1, 0))): "must be HOST:PORT"}
+    for k, (text, detail) in enumerate(bad_files.items()):
+        caplog.clear()
+        path.write_text(text)
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + (2 + k) * 1_000_000_000))
+        refused = lambda: [r for r in caplog.records if getattr(r, "xdctr_event", None) == "config_reload_refused"]
+        wait_for(refused, "the bad config to be reported")
+        (record,) = refused()[:1]
+        entry = json.loads(monitoring.JsonFormatter().format(record))  # one JSON line, as `xdctr serve` logs
+        assert (entry["event"], entry["path"]) == ("config_reload_refused", str(path))
+        assert detail in entry["error"]
+        assert running.config.arms[1].weight == 1
+        assert predict(running, ["u1"])[0] == [VERSION_SCORES[2]]
 
 
 def test_assignment_log_lines_have_every_field(backends, start, tmp_path):
@@ -438,3 +458,29 @@ def test_prometheus_endpoint_counts_per_arm(backends, start):
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(f"http://127.0.0.1:{running.monitoring_port}/other", timeout=5)
     assert error.value.code == 404
+
+
+def test_multi_inference_is_forwarded_with_every_task_rewritten(start, tmp_path):
+    """TF Serving's MultiInference test (half_plus_two, x=2.0) through the router."""
+    fixture = pathlib.Path(__file__).resolve().parent / "fixtures" / "tf_serving" / "saved_model_half_plus_two_tf2"
+    grpc_server, port, _ = server.start_server("half_plus_two", str(fixture), port=0, max_workers=2)
+    try:
+        backend = f"127.0.0.1:{port}"
+        config = {"salt": "s", "arms": [{"name": "only", "backend": backend, "model_name": "half_plus_two",
+                                         "version": 123}]}
+        running = start(config)
+        request = inference_pb2.MultiInferenceRequest()
+        for signature, method in (("regress_x_to_y", "tensorflow/serving/regress"),
+                                  ("classify_x_to_y", "tensorflow/serving/classify")):
+            task = request.tasks.add(method_name=method)
+            task.model_spec.name, task.model_spec.signature_name = "whatever-the-client-calls-it", signature
+        request.input.example_list.examples.add().features.feature["x"].float_list.value.append(2.0)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            response, call = prediction_service_pb2_grpc.PredictionServiceStub(channel).MultiInference.with_call(
+                request, timeout=10)
+        assert response.results[0].regression_result.regressions[0].value == pytest.approx(3.0)
+        assert response.results[1].classification_result.classifications[0].classes[0].score == pytest.approx(3.0)
+        assert [(r.model_spec.name, r.model_spec.version.value) for r in response.results] == [("half_plus_two", 123)] * 2
+        assert dict(call.trailing_metadata())[router.ARM_METADATA_KEY] == "only"
+    finally:
+        grpc_server.stop(None)

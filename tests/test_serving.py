@@ -36,7 +36,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from serving import client, monitoring, server
+from serving import admin, client, inference, loader, monitoring, server, versions
 from serving.config import ServerOptions
 from xdctr import features as F
 
@@ -162,7 +162,7 @@ def base_path(tmp_path_factory):
     save_toy_model(base / "1", scale=1.0)
     save_toy_model(base / "2", scale=2.0)  # the latest loadable version
     (base / "3").mkdir()
-    (base / "3" / server.SAVED_MODEL_FILE).write_bytes(b"not a saved model")  # corrupt: never served
+    (base / "3" / loader.SAVED_MODEL_FILE).write_bytes(b"not a saved model")  # corrupt: never served
     (base / "4").mkdir()  # no saved_model.pb: never served
     (base / "latest").mkdir()  # not an integer: ignored
     return base
@@ -221,8 +221,8 @@ def test_predict_by_version_or_label(stub, choice, expected_version):
 
 
 def test_loads_every_valid_version(running):
-    assert sorted(running.model_server.loaded_versions(MODEL_NAME)) == [1, 2]
-    assert running.model_server.labels(MODEL_NAME) == {"stable": 1, "canary": 2}
+    assert sorted(running.model_server.manager.loaded_versions(MODEL_NAME)) == [1, 2]
+    assert running.model_server.manager.labels(MODEL_NAME) == {"stable": 1, "canary": 2}
 
 
 def test_empty_signature_name_means_serving_default(stub):
@@ -364,10 +364,12 @@ def test_still_serves_after_bad_requests(stub, channel):
 
 
 def test_unexpected_exception_is_internal_and_server_keeps_running(stub, running, monkeypatch):
-    def explode(request, labels=None, deadline=None):
+    signature = running.model_server.manager.loaded_versions(MODEL_NAME)[2].signatures[F.SERVING_SIGNATURE]
+
+    def explode(inputs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(running.model_server, "predict", explode)
+    monkeypatch.setattr(signature, "run", explode)
     with pytest.raises(grpc.RpcError) as info:
         stub.Predict(predict_request(), timeout=10)
     assert info.value.code() == grpc.StatusCode.INTERNAL
@@ -381,13 +383,13 @@ def test_unexpected_exception_is_internal_and_server_keeps_running(stub, running
 
 
 def test_get_model_metadata_signature_def(stub):
-    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=[server.SIGNATURE_DEF_FIELD])
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=[inference.SIGNATURE_DEF_FIELD])
     request.model_spec.name = MODEL_NAME
     request.model_spec.version_label = "stable"
     response = stub.GetModelMetadata(request, timeout=10)
     assert response.model_spec.version.value == 1
     signature_defs = get_model_metadata_pb2.SignatureDefMap()
-    assert response.metadata[server.SIGNATURE_DEF_FIELD].Unpack(signature_defs)
+    assert response.metadata[inference.SIGNATURE_DEF_FIELD].Unpack(signature_defs)
     assert sorted(signature_defs.signature_def) == sorted([F.SERVING_SIGNATURE, CLASSIFY_SIGNATURE, REGRESS_SIGNATURE])
     signature = signature_defs.signature_def[F.SERVING_SIGNATURE]
     assert list(signature.inputs) == [F.SERVING_INPUT]
@@ -398,9 +400,10 @@ def test_get_model_metadata_signature_def(stub):
 
 
 @pytest.mark.parametrize("fields, detail", [(["no_such_field"], "no_such_field"), ([], "at least one metadata_field")])
-def test_get_model_metadata_rejects_other_fields(stub, fields, detail):
+@pytest.mark.parametrize("model", [MODEL_NAME, "no_such_model"])
+def test_get_model_metadata_rejects_other_fields_before_looking_up_the_model(stub, fields, detail, model):
     request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=fields)
-    request.model_spec.name = MODEL_NAME
+    request.model_spec.name = model
     with pytest.raises(grpc.RpcError) as info:
         stub.GetModelMetadata(request, timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -416,7 +419,7 @@ def test_get_model_status_lists_every_version_with_its_error(model_stub):
         assert statuses[version].status.error_code == grpc.StatusCode.OK.value[0]
     assert statuses[4].state == END
     assert statuses[4].status.error_code == grpc.StatusCode.NOT_FOUND.value[0]
-    assert server.SAVED_MODEL_FILE in statuses[4].status.error_message
+    assert loader.SAVED_MODEL_FILE in statuses[4].status.error_message
     assert statuses[3].state == END
     assert statuses[3].status.error_code != grpc.StatusCode.OK.value[0]
     assert statuses[3].status.error_message
@@ -513,7 +516,7 @@ def test_classify_and_regress_refuse_like_tf_serving(stub, api, signature, examp
 
 def test_health_check_serving(running, channel):
     health_stub = health_pb2_grpc.HealthStub(channel)
-    for service in ("", MODEL_NAME):
+    for service in ("", MODEL_NAME, "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
         response = health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert response.status == health_pb2.HealthCheckResponse.SERVING
     client.wait_until_serving(running.target, timeout=5.0, service=MODEL_NAME)  # returns without raising
@@ -583,7 +586,7 @@ def test_log_event_is_one_json_line_with_fields():
 
 
 def reload_request(running) -> model_management_pb2.ReloadConfigRequest:
-    return model_management_pb2.ReloadConfigRequest(config=running.model_server.config)
+    return model_management_pb2.ReloadConfigRequest(config=running.model_server.manager.config)
 
 
 @pytest.mark.parametrize("metadata", [None, (("authorization", "Bearer wrong"),), (("authorization", ADMIN_TOKEN),)])
@@ -598,29 +601,19 @@ def test_reload_config_with_the_token_from_loopback(running, model_stub):
     metadata = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
     response = model_stub.HandleReloadConfigRequest(reload_request(running), metadata=metadata, timeout=10)
     assert response.status.error_code == grpc.StatusCode.OK.value[0]
-    assert sorted(running.model_server.loaded_versions(MODEL_NAME)) == [1, 2]
-
-
-class FakeContext:
-    def __init__(self, peer, metadata=()):
-        self._peer, self._metadata = peer, metadata
-
-    def peer(self):
-        return self._peer
-
-    def invocation_metadata(self):
-        return self._metadata
+    assert sorted(running.model_server.manager.loaded_versions(MODEL_NAME)) == [1, 2]
 
 
 def test_admin_rpcs_are_refused_from_remote_peers_unless_allowed(running):
-    remote = FakeContext("ipv4:10.1.2.3:5555", (("authorization", f"Bearer {ADMIN_TOKEN}"),))
-    local_only = server.ModelServicer(running.model_server, admin_token=ADMIN_TOKEN)
-    assert "loopback" in local_only.admin_denial(remote)
-    allowed = server.ModelServicer(running.model_server, admin_token=ADMIN_TOKEN, allow_remote_admin=True)
-    assert allowed.admin_denial(remote) is None
-    assert "Bearer" in allowed.admin_denial(FakeContext("ipv4:10.1.2.3:5555"))
-    no_token = server.ModelServicer(running.model_server)
-    assert no_token.admin_denial(FakeContext("ipv6:[::1]:5555")) is None
+    manager = running.model_server.manager
+    remote, token = "ipv4:10.1.2.3:5555", {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    local_only = admin.ModelAdmin(manager, admin_token=ADMIN_TOKEN)
+    assert "loopback" in local_only.admin_denial(remote, token)
+    allowed = admin.ModelAdmin(manager, admin_token=ADMIN_TOKEN, allow_remote_admin=True)
+    assert allowed.admin_denial(remote, token) is None
+    assert "Bearer" in allowed.admin_denial(remote, {})
+    no_token = admin.ModelAdmin(manager)
+    assert no_token.admin_denial("ipv6:[::1]:5555", {}) is None
 
 
 @pytest.mark.parametrize(
@@ -639,7 +632,7 @@ def test_admin_rpcs_are_refused_from_remote_peers_unless_allowed(running):
     ],
 )
 def test_is_loopback_peer(peer, loopback):
-    assert server.is_loopback_peer(peer) is loopback
+    assert admin.is_loopback_peer(peer) is loopback
 
 
 # ----------------------------------------------------------------------------------------------
@@ -650,14 +643,15 @@ def test_stop_lets_running_requests_finish(base_path, monkeypatch):
     running = server.start(ServerOptions(model_name=MODEL_NAME, model_base_path=str(base_path), max_workers=2,
                                          file_system_poll_wait_seconds=0.0))
     started = threading.Event()
-    real_predict = running.model_server.predict
+    signature = running.model_server.manager.loaded_versions(MODEL_NAME)[2].signatures[F.SERVING_SIGNATURE]
+    real_run = signature.run
 
-    def slow_predict(request, labels=None, deadline=None):
+    def slow_run(inputs):
         started.set()
         time.sleep(0.5)
-        return real_predict(request, labels=labels, deadline=deadline)
+        return real_run(inputs)
 
-    monkeypatch.setattr(running.model_server, "predict", slow_predict)
+    monkeypatch.setattr(signature, "run", slow_run)
     results = {}
     with grpc.insecure_channel(running.target) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -724,18 +718,48 @@ def test_options_from_args_maps_every_flag(tmp_path):
     assert (options.max_workers, options.grace, options.max_request_rows) == (32, 9.0, 50)
 
 
+@pytest.mark.parametrize("batching_flags, enabled", [
+    (["--enable_batching"], True), (["--enable_batching=true"], True), (["--enable_batching=false"], False),
+    (["--enable-batching"], True), ([], False),
+])
+def test_tf_serving_flag_spellings_are_accepted(batching_flags, enabled):
+    parser = argparse.ArgumentParser()
+    server.add_arguments(parser)
+    args = parser.parse_args(["--port=9000", "--rest_api_port=8501", "--model_name=half", "--model_base_path=/m",
+                              "--file_system_poll_wait_seconds=30", "--rest_api_timeout_in_ms=5000",
+                              "--monitoring_config_file=/c/monitoring.config", *batching_flags])
+    options = server.options_from_args(args)
+    assert (options.port, options.rest_api_port, options.rest_api_timeout_in_ms) == (9000, 8501, 5000)
+    assert (options.model_name, options.model_base_path) == ("half", "/m")
+    assert options.file_system_poll_wait_seconds == 30.0
+    assert options.monitoring_config_file == "/c/monitoring.config"
+    assert options.enable_batching is enabled
+
+
+def test_rest_api_port_0_is_off_as_in_tf_serving():
+    parser = argparse.ArgumentParser()
+    server.add_arguments(parser)
+    assert server.options_from_args(parser.parse_args(["--model_base_path=/m", "--rest_api_port=0"])).rest_api_port is None
+
+
 @pytest.mark.parametrize(
     "flags, detail",
     [
         ([], "exactly one of --model-base-path"),
+        (["--model-base-path", "m", "--monitoring_config_file", "c"], "add --rest_api_port"),
+        (["--model-base-path", "m", "--enable_batching=maybe"], None),
         (["--model-base-path", "m", "--model-config-file", "c"], "exactly one of --model-base-path"),
         (["--model-base-path", "m", "--batching-parameters-file", "b"], "--enable-batching"),
         (["--model-base-path", "m", "--port", "70000"], "port"),
     ],
 )
 def test_options_from_args_rejects_bad_combinations(flags, detail):
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(exit_on_error=False)
     server.add_arguments(parser)
+    if detail is None:  # refused by the parser
+        with pytest.raises(argparse.ArgumentError, match="expected true or false"):
+            parser.parse_args(flags)
+        return
     with pytest.raises(ValueError, match=detail):
         server.options_from_args(parser.parse_args(flags))
 
@@ -743,8 +767,7 @@ def test_options_from_args_rejects_bad_combinations(flags, detail):
 def test_start_server_serves_every_version(base_path):
     grpc_server, port, model_server = server.start_server(MODEL_NAME, str(base_path), port=0, max_workers=2)
     try:
-        assert sorted(model_server.versions) == [1, 2]
-        assert model_server.version == 2
+        assert sorted(model_server.manager.loaded_versions(MODEL_NAME)) == [1, 2]
         np.testing.assert_allclose(
             client.predict_examples(f"127.0.0.1:{port}", MODEL_NAME, serialize(XS), version=1), sigmoid(XS), rtol=1e-6
         )
@@ -755,9 +778,9 @@ def test_start_server_serves_every_version(base_path):
 def test_no_valid_version_raises_value_error(tmp_path, caplog):
     (tmp_path / "1").mkdir()  # no saved_model.pb
     (tmp_path / "2").mkdir()
-    (tmp_path / "2" / server.SAVED_MODEL_FILE).write_bytes(b"garbage")
+    (tmp_path / "2" / loader.SAVED_MODEL_FILE).write_bytes(b"garbage")
     (tmp_path / "notes").mkdir()
-    with caplog.at_level(logging.WARNING, logger=server.__name__):
+    with caplog.at_level(logging.WARNING, logger=versions.__name__):
         with pytest.raises(ValueError, match=r"<version>/saved_model\.pb") as info:
             server.start_server(MODEL_NAME, str(tmp_path))
     message = str(info.value)
@@ -768,5 +791,5 @@ def test_no_valid_version_raises_value_error(tmp_path, caplog):
 
 
 def test_missing_base_path_raises_value_error(tmp_path):
-    with pytest.raises(ValueError, match="not a directory"):
+    with pytest.raises(ValueError, match=f"Could not find base path {tmp_path / 'missing'} for servable {MODEL_NAME}"):
         server.start_server(MODEL_NAME, str(tmp_path / "missing"))

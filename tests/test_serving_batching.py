@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -21,6 +23,7 @@ from serving.batching import (
     TaskTooLargeError,
 )
 from serving.config import ServerOptions
+from serving.status import ServingError
 from test_serving import MODEL_NAME, metric_value, predict_request, save_toy_model, scores_of, sigmoid
 from xdctr import features as F
 
@@ -79,6 +82,20 @@ def test_tasks_waiting_for_a_busy_thread_run_as_one_batch(scheduler_factory):
     np.testing.assert_array_equal(second.result(WAIT_SECONDS)["y"], [6, 8, 10])  # each task gets its own rows
     np.testing.assert_array_equal(third.result(WAIT_SECONDS)["y"], [12])
     assert run.batches == [2, 4]  # the second and third tasks ran together
+
+
+def test_a_cancelled_task_leaves_its_batch(scheduler_factory):
+    scheduler = scheduler_factory(max_batch_size=8, num_batch_threads=1)
+    run = BlockingRun()
+    first = scheduler.submit(KEY, run, rows(1), 1)
+    assert run.entered.wait(WAIT_SECONDS)
+    gone = scheduler.submit(KEY, run, rows(2, 3), 2)
+    kept = scheduler.submit(KEY, run, rows(4), 1)
+    assert gone.cancel()
+    run.release.set()
+    np.testing.assert_array_equal(kept.result(WAIT_SECONDS)["y"], [8])
+    first.result(WAIT_SECONDS)
+    assert run.batches == [1, 1]  # the second batch ran without the cancelled task's 2 rows
 
 
 def test_batch_timeout_waits_for_more_tasks(scheduler_factory):
@@ -279,15 +296,15 @@ def test_batched_results_equal_unbatched_under_concurrency(batching_server, plai
 
 
 def test_request_over_max_batch_size_is_invalid_argument(batching_server):
-    with pytest.raises(server.ServingError) as info:
-        batching_server.model_server.predict(predict_request(np.zeros(65, dtype=np.float32)))
+    with pytest.raises(ServingError) as info:
+        batching_server.model_server.inference.predict(predict_request(np.zeros(65, dtype=np.float32)))
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "Task size 65 is larger than maximum input batch size 64" in info.value.message
 
 
 def test_full_batch_queue_is_unavailable(batching_server, monkeypatch):
     """TF Serving answers UNAVAILABLE when the batch queue is full (a retryable status)."""
-    scheduler = batching_server.model_server.batch_scheduler
+    scheduler = batching_server.model_server.inference.scheduler
 
     def full(*args, **kwargs):
         raise BatchQueueFullError("The batch scheduling queue to which this task was submitted is full")
@@ -301,14 +318,37 @@ def test_full_batch_queue_is_unavailable(batching_server, monkeypatch):
     assert "is full" in info.value.details()
 
 
+def test_a_batch_that_does_not_come_in_time_is_deadline_exceeded_and_left(batching_server, monkeypatch):
+    scheduler = batching_server.model_server.inference.scheduler
+    pending = []
+
+    def never(*args, **kwargs):
+        pending.append(futures.Future())
+        return pending[-1]
+
+    monkeypatch.setattr(scheduler, "submit", never)
+    with pytest.raises(ServingError) as info:  # the thread-driven path (REST, warmup)
+        batching_server.model_server.inference.predict(predict_request(), deadline=0.2)
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    with grpc.insecure_channel(batching_server.target) as channel:  # the event-loop path (gRPC)
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as rpc_info:
+            stub.Predict(predict_request(), timeout=0.5)
+    assert rpc_info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not all(f.cancelled() for f in pending) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(pending) == 2 and all(f.cancelled() for f in pending)  # their tasks leave the batch
+
+
 def test_signatures_with_fixed_batch_run_unbatched(tmp_path):
     save_model_with_unbatchable_signature(tmp_path / "1")
     running = server.start(ServerOptions(model_name=MODEL_NAME, model_base_path=str(tmp_path), enable_batching=True,
                                          file_system_poll_wait_seconds=0.0))
     try:
-        loaded = running.model_server.loaded_versions(MODEL_NAME)[1]
-        assert loaded.batchable == {F.SERVING_SIGNATURE}
-        response = running.model_server.predict(predict_request([0.25], signature="first_row"))
+        loaded = running.model_server.manager.loaded_versions(MODEL_NAME)[1]
+        assert {name for name, signature in loaded.signatures.items() if signature.batchable} == {F.SERVING_SIGNATURE}
+        response = running.model_server.inference.predict(predict_request([0.25], signature="first_row"))
         np.testing.assert_allclose(scores_of(response), sigmoid([0.25]), rtol=1e-6)
     finally:
         running.stop(0)

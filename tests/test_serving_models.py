@@ -21,8 +21,9 @@ from tensorflow_serving.apis import (
 
 from components.trainer.export import write_warmup_requests
 from serving import config as serving_config
-from serving import server, warmup
+from serving import loader, server, versions, warmup
 from serving.config import ServerOptions
+from serving.status import ServingError
 from test_serving import (
     END,
     MODEL_NAME,
@@ -133,15 +134,15 @@ def test_corrupt_version_is_ignored_and_half_written_version_is_picked_up_when_c
     model_server = running.model_server
     try:
         (base / "3").mkdir()
-        (base / "3" / server.SAVED_MODEL_FILE).write_bytes(b"not a saved model")
+        (base / "3" / loader.SAVED_MODEL_FILE).write_bytes(b"not a saved model")
         (base / "2").mkdir()
         shutil.copytree(templates / "2" / "variables", base / "2" / "variables")  # still being written
         running.poll()
-        states = model_server.version_states(MODEL_NAME)
+        states = model_server.manager.version_states(MODEL_NAME)
         assert (states[3].state, states[2].state) == (END, END)
         assert states[3].code != grpc.StatusCode.OK and states[3].message
         assert states[2].code == grpc.StatusCode.NOT_FOUND
-        assert model_server.predict(predict_request()).model_spec.version.value == 1
+        assert model_server.inference.predict(predict_request()).model_spec.version.value == 1
 
         failures = lambda: metric_value(  # noqa: E731
             model_server.metrics.exposition().decode(), "xdctr_serving_model_load_events_total",
@@ -154,14 +155,38 @@ def test_corrupt_version_is_ignored_and_half_written_version_is_picked_up_when_c
             if item.name != "variables":
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, base / "2" / item.name)
         running.poll()
-        assert sorted(model_server.loaded_versions(MODEL_NAME)) == [2]
-        response = model_server.predict(predict_request())
+        assert sorted(model_server.manager.loaded_versions(MODEL_NAME)) == [2]
+        response = model_server.inference.predict(predict_request())
         assert response.model_spec.version.value == 2
         np.testing.assert_allclose(scores_of(response), sigmoid(2.0 * XS), rtol=1e-6)
-        statuses = {s.version: s for s in model_server.get_model_status(status_request()).model_version_status}
-        assert [statuses[v].state for v in (3, 2, 1)] == [END, server.State.AVAILABLE, END]
+        statuses = {s.version: s for s in model_server.admin.get_model_status(status_request()).model_version_status}
+        assert [statuses[v].state for v in (3, 2, 1)] == [END, versions.State.AVAILABLE, END]
         assert statuses[3].status.error_code != grpc.StatusCode.OK.value[0]
         assert statuses[1].status.error_code == grpc.StatusCode.OK.value[0]  # unloaded, not failed
+    finally:
+        running.stop(0)
+
+
+@pytest.mark.parametrize("name, version", [("7", 7), ("00000123", 123), (str(2**63 - 1), 2**63 - 1),
+                                           (str(2**63), None), ("99999999999999999999", None), ("-1", None),
+                                           ("\u0663", None), ("1a", None), ("", None)])
+def test_version_directory_names_are_int64(name, version):
+    assert versions.parse_version(name) == version
+
+
+def test_version_directory_beyond_int64_is_ignored(templates, tmp_path):
+    """TF Serving ignores names that do not parse as int64; they must not unload the good version."""
+    base = new_base(tmp_path)
+    push(templates, base, 1, 1)
+    push(templates, base, "99999999999999999999", 2)
+    running = server.start(ServerOptions(model_name=MODEL_NAME, model_base_path=str(base),
+                                         file_system_poll_wait_seconds=0.0))
+    try:
+        running.poll()
+        assert list(running.model_server.manager.version_states(MODEL_NAME)) == [1]
+        response = running.model_server.inference.predict(predict_request())
+        assert response.model_spec.version.value == 1
+        np.testing.assert_allclose(scores_of(response), sigmoid(XS), rtol=1e-6)
     finally:
         running.stop(0)
 
@@ -174,7 +199,7 @@ def test_vanished_base_path_keeps_the_loaded_versions(templates, tmp_path):
     try:
         base.rename(tmp_path / "moved")
         running.poll()
-        assert running.model_server.predict(predict_request()).model_spec.version.value == 1
+        assert running.model_server.inference.predict(predict_request()).model_spec.version.value == 1
     finally:
         running.stop(0)
 
@@ -195,16 +220,16 @@ def test_version_policy_decides_what_is_loaded_and_unloaded(templates, tmp_path,
     running = server.start(ServerOptions(model_config_file=config, file_system_poll_wait_seconds=0.0))
     model_server = running.model_server
     try:
-        assert sorted(model_server.loaded_versions(MODEL_NAME)) == before
+        assert sorted(model_server.manager.loaded_versions(MODEL_NAME)) == before
         push(templates, base, 3, 3)
         running.poll()
-        assert sorted(model_server.loaded_versions(MODEL_NAME)) == after
+        assert sorted(model_server.manager.loaded_versions(MODEL_NAME)) == after
         for version in sorted(set(before) - set(after)):
-            assert model_server.version_states(MODEL_NAME)[version] == server.VersionState(END)
-            with pytest.raises(server.ServingError) as info:
-                model_server.predict(predict_request(version=version))
+            assert model_server.manager.version_states(MODEL_NAME)[version] == versions.VersionState(END)
+            with pytest.raises(ServingError) as info:
+                model_server.inference.predict(predict_request(version=version))
             assert info.value.code == grpc.StatusCode.NOT_FOUND
-        assert model_server.predict(predict_request()).model_spec.version.value == max(after)
+        assert model_server.inference.predict(predict_request()).model_spec.version.value == max(after)
     finally:
         running.stop(0)
 
@@ -257,10 +282,15 @@ def test_reload_config_rpc_adds_and_removes_models_and_checks_labels(templates, 
                     grpc.StatusCode.FAILED_PRECONDITION,
                     "label to version 1",
                 ),
-                "a new model without versions": (
+                "a new model whose base path is missing": (
                     two_models_config(base_a, tmp_path / "missing"),
-                    grpc.StatusCode.UNKNOWN,
-                    "did not become available: base path",
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"Could not find base path {tmp_path / 'missing'} for servable {OTHER_MODEL}",
+                ),
+                "a new model without version directories": (
+                    two_models_config(base_a, new_base(tmp_path, "empty")),
+                    grpc.StatusCode.NOT_FOUND,
+                    f"Unable to find a numerical version path for servable {OTHER_MODEL}",
                 ),
                 "a relative base path": (
                     model_config_text(MODEL_NAME, "relative/path"),
@@ -278,9 +308,12 @@ def test_reload_config_rpc_adds_and_removes_models_and_checks_labels(templates, 
                     reload(model_stub, text)
                 assert (info.value.code(), what) == (code, what)
                 assert detail in info.value.details(), what
+            # An empty request changes nothing, as in TF Serving.
+            empty = model_management_pb2.ReloadConfigRequest()
+            assert model_stub.HandleReloadConfigRequest(empty, timeout=30).status.error_code == 0
             # Nothing of the refused configs was applied.
-            assert model_server.labels(OTHER_MODEL) == labels
-            assert sorted(model_server.loaded_versions(OTHER_MODEL)) == [1, 2]
+            assert model_server.manager.labels(OTHER_MODEL) == labels
+            assert sorted(model_server.manager.loaded_versions(OTHER_MODEL)) == [1, 2]
 
             reload(model_stub, model_config_text(MODEL_NAME, base_a))  # drops the other model
             with pytest.raises(grpc.RpcError) as info:
@@ -305,7 +338,7 @@ def test_config_file_is_polled_and_bad_edits_are_refused(templates, tmp_path, ca
     model_server = running.model_server
     try:
         config_path.write_text(model_config_text(MODEL_NAME, base, labels={"stable": 1}))
-        wait_for(lambda: model_server.labels(MODEL_NAME) == {"stable": 1}, "the config file's label")
+        wait_for(lambda: model_server.manager.labels(MODEL_NAME) == {"stable": 1}, "the config file's label")
 
         def events():
             return [getattr(r, "xdctr_event", None) for r in caplog.records]
@@ -313,8 +346,8 @@ def test_config_file_is_polled_and_bad_edits_are_refused(templates, tmp_path, ca
         with caplog.at_level(logging.WARNING, logger=server.__name__):
             config_path.write_text("model_config_list { config { nme: 'typo' } }")
             wait_for(lambda: "config_file_unreadable" in events(), "the bad config to be reported")
-        assert model_server.labels(MODEL_NAME) == {"stable": 1}
-        assert model_server.predict(predict_request(label="stable")).model_spec.version.value == 1
+        assert model_server.manager.labels(MODEL_NAME) == {"stable": 1}
+        assert model_server.inference.predict(predict_request(label="stable")).model_spec.version.value == 1
         with pytest.raises(ValueError, match=rf"{config_path}:1:\d+: .*nme"):
             running.reload_config()
     finally:
@@ -369,12 +402,12 @@ def test_warmup_requests_are_replayed_before_the_version_takes_traffic(templates
                                          file_system_poll_wait_seconds=0.0))
     model_server = running.model_server
     try:
-        loaded = model_server.loaded_versions(MODEL_NAME)
+        loaded = model_server.manager.loaded_versions(MODEL_NAME)
         assert sorted(loaded) == [1]  # version 2 failed its warmup
         assert loaded[1].saved_model.calls.numpy() == 3  # one call per record, before any request
-        model_server.predict(predict_request())
+        model_server.inference.predict(predict_request())
         assert loaded[1].saved_model.calls.numpy() == 4
-        state = model_server.version_states(MODEL_NAME)[2]
+        state = model_server.manager.version_states(MODEL_NAME)[2]
         assert (state.state, state.code) == (END, grpc.StatusCode.INVALID_ARGUMENT)
         assert "Warmup" in state.message and "wrong_input" in state.message
     finally:
