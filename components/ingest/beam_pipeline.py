@@ -134,7 +134,7 @@ class _ParseFile(beam.DoFn):
                 if isinstance(result, records.DeadLetter):
                     yield beam.pvalue.TaggedOutput(self.DEAD, result)
                 else:
-                    yield result
+                    yield tuple(result)  # a plain tuple: Beam's fast tuple coder, not pickle
         yield beam.pvalue.TaggedOutput(self.READ, (path, read))
 
 
@@ -216,6 +216,14 @@ def _summarise(split_counts, dead_counts, duplicates, cutoff, contract, read=())
     return json.dumps(summary, sort_keys=True, indent=2)
 
 
+def _by_block(element, heavy_user_events: int, block_seconds: int):
+    """(user, {events, count}) -> ((user, block), event): a light user's events share one block."""
+    user, joined = element
+    (count,) = joined["count"]
+    for event in joined["events"]:
+        yield (user, event[0] // block_seconds if count > heavy_user_events else _WHOLE_TIMELINE), event
+
+
 class _Block(beam.DoFn):
     """((user, block), events) -> ((user, block), unique events); duplicates counted (tag 'dup').
 
@@ -226,7 +234,7 @@ class _Block(beam.DoFn):
 
     def process(self, element):
         key, events = element
-        events = list(events)
+        events = [records.Impression._make(e) for e in events]
         unique = list(dict.fromkeys(events))
         if len(unique) < len(events):
             yield beam.pvalue.TaggedOutput(self.DUPLICATES, len(events) - len(unique))
@@ -366,6 +374,7 @@ def build(pipeline: beam.Pipeline, config: IngestConfig, output_dir: str):
     """Adds the ingestion to `pipeline`; returns nothing (it writes under `output_dir`)."""
     good, dead, read = pipeline | "Read" >> ReadClickLogs(config.input_patterns, config.parse, with_counts=True)
 
+    good = good | "Impressions" >> beam.Map(records.Impression._make)
     timestamps = good | "Ts" >> beam.Map(lambda e: e.ts)
     if config.split_by == "time":
         cutoff = (timestamps | "MinMax" >> beam.CombineGlobally(_MinMax())
@@ -387,18 +396,14 @@ def build(pipeline: beam.Pipeline, config: IngestConfig, output_dir: str):
     contract_side = beam.pvalue.AsSingleton(contract)
 
     # Heavy users (more than `heavy_user_events` events) are cut into time blocks; everyone else's
-    # timeline is one group, which skips the block-state stages.
-    heavy_users = (
-        good
-        | "UserOnes" >> beam.Map(lambda e: (e.user_id, 1))
-        | "EventsPerUser" >> beam.CombinePerKey(sum)
-        | "Heavy" >> beam.Filter(lambda kv: kv[1] > config.heavy_user_events)
-    )
+    # timeline is one group, which skips the block-state stages. Joined per user (no side input:
+    # Beam's DirectRunner lost records with a large AsDict side input, see scripts/).
+    counts = good | "UserOnes" >> beam.Map(lambda e: (e.user_id, 1)) | "EventsPerUser" >> beam.CombinePerKey(sum)
+    by_user = good | "ByUser" >> beam.Map(lambda e: (e.user_id, tuple(e)))
     grouped = (
-        good
-        | "ByBlock" >> beam.Map(
-            lambda e, heavy: ((e.user_id, e.ts // config.block_seconds if e.user_id in heavy else _WHOLE_TIMELINE), e),
-            heavy=beam.pvalue.AsDict(heavy_users))
+        {"events": by_user, "count": counts}
+        | "JoinCounts" >> beam.CoGroupByKey()
+        | "ByBlock" >> beam.FlatMap(_by_block, config.heavy_user_events, config.block_seconds)
         | "GroupBlock" >> beam.GroupByKey()
         | "Dedupe" >> beam.ParDo(_Block()).with_outputs(_Block.DUPLICATES, main="blocks")
     )
