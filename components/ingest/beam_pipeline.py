@@ -10,23 +10,40 @@ Output layout under `output_dir`:
   stats/<split>.json   rows, CTR and users per domain, history lengths, cold-start fraction
   schema/schema.pbtxt  the tf.Example schema (tensorflow_metadata), the same for every split
 
+Elements are blocks, not events. Files are read in shards (byte ranges of plain JSON Lines and
+CSV files, aligned to line starts, so several workers parse one large file; gzip and Parquet
+files are read whole, as gzip cannot be split); each shard is parsed a block of lines at a time
+by pyarrow (`records.parse_block`), and its good events are cut by user into `user_shards`
+pieces (Arrow IPC, zstd). A GroupByKey brings each user shard's pieces together; there the
+events are sorted by (user, ts, ...), exact duplicates dropped, the features of whole users
+computed column-wise (`sequences.columnar_examples`), the tf.Examples encoded from the arrays
+and written as gzip TFRecords, one file per user shard and split. No stage reads a side input
+made from the events themselves: Beam's DirectRunner loses records in that shape
+(`scripts/beam_data_loss.py`); only the eval cutoff and the contract are side inputs.
+
 Memory: a heavy user's events (more than `heavy_user_events`) are grouped by (user, time block),
-not by user, so no worker ever holds a whole heavy user's timeline. Each block's `UserState`
-(bounded by the history lengths) is summed up per user in block order, and each block is then
-expanded with the state at its start. A worker holds one block's events, or one user's per-block
-states (blocks x history lengths). Other users are grouped whole: the block stages cost more
-than they save for them.
+not kept in their user shard, so no worker ever holds a whole heavy user's timeline. Each block's
+`UserState` (bounded by the history lengths) is summed up per user in block order, and each
+block is then expanded with the state at its start. A worker holds one user shard's light users,
+one block's events, or one user's per-block states (blocks x history lengths).
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import json
 import os
-from typing import Iterable, Optional, Sequence
+import struct
+import uuid
+import zlib
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from xdctr import features as F
@@ -37,9 +54,15 @@ DEAD_LETTER_DIR = "dead_letter"
 SUMMARY_FILE = "summary.json"
 STATS_DIR = "stats"
 SPLIT_MODES = ("events", "time")
-QUANTILES = 1000
-_WHOLE_TIMELINE = -1  # the block key of a light user's single group
 SCHEMA_FILE = os.path.join("schema", "schema.pbtxt")
+TEMP_DIR = ".temp"  # example files being written; renamed into the splits when complete
+SHARD_BYTES = 64 << 20  # plain text files are parsed in byte ranges of this size
+BLOCK_BYTES = 8 << 20  # a shard is parsed this many bytes of lines at a time
+EVENTS_PER_USER_SHARD = 250_000  # the default number of user shards aims at this many events each
+MAX_USER_SHARDS = 4096
+CHUNK_EVENTS = 65_536  # the features of this many events (of whole users) are computed at once
+GZIP_LEVEL = 1  # zlib level of the example files: 2.3x faster than 6, about 10% larger
+HEAVY_FILE_PREFIX = "data_tfrecord-heavy"
 
 
 def split_dir(output_dir: str, split: str) -> str:
@@ -52,18 +75,20 @@ class IngestConfig:
     """Settings of one ingestion run.
 
     Attributes:
-      input_patterns: file patterns of JSON Lines or CSV logs, plain or gzip.
+      input_patterns: file patterns of JSON Lines, CSV (plain or gzip) or Parquet logs.
       history_length: length of the mixed-domain history.
       domain_history_length: length of each per-domain history.
       block_seconds: length of the time blocks a heavy user's timeline is cut into.
       heavy_user_events: users with more events than this are processed in time blocks (memory
-        bound); the others in one group each (faster: no block-state stages).
+        bound); the others with their user shard (fast: column-wise).
       eval_fraction: the size of the eval split, the latest part of the data.
       split_by: "events": eval is the last `eval_fraction` of the events by time (the cutoff is
-        an approximate quantile of the timestamps; events at the cutoff time go to eval);
-        "time": eval is the last `eval_fraction` of the time range.
+        a quantile of the timestamps, exact up to 2^17 distinct ones; events at the cutoff time
+        go to eval); "time": eval is the last `eval_fraction` of the time range.
       max_bad_fraction: the run fails when more than this fraction of records is rejected.
       parse: validation settings (domains, timestamp range).
+      user_shards: number of user shards (0: from the input size, about 250,000 events each).
+      shard_bytes: byte range one worker parses of a plain text file.
     """
 
     input_patterns: tuple
@@ -75,6 +100,8 @@ class IngestConfig:
     split_by: str = "events"
     max_bad_fraction: float = 0.05
     parse: records.ParseOptions = dataclasses.field(default_factory=records.ParseOptions)
+    user_shards: int = 0
+    shard_bytes: int = SHARD_BYTES
 
     def __post_init__(self):
         if not self.input_patterns:
@@ -89,6 +116,10 @@ class IngestConfig:
             raise ValueError(f"`heavy_user_events` must be >= 0. Received: heavy_user_events={self.heavy_user_events}")
         if self.block_seconds <= 0:
             raise ValueError(f"`block_seconds` must be positive. Received: block_seconds={self.block_seconds}")
+        if not 0 <= self.user_shards <= MAX_USER_SHARDS:
+            raise ValueError(f"`user_shards` must be in [0, {MAX_USER_SHARDS}]. Received: user_shards={self.user_shards}")
+        if self.shard_bytes <= 0:
+            raise ValueError(f"`shard_bytes` must be positive. Received: shard_bytes={self.shard_bytes}")
         F.Contract(("check",), self.history_length, self.domain_history_length)
 
     def contract(self, domains) -> F.Contract:
@@ -99,72 +130,282 @@ class IngestError(RuntimeError):
     """The run finished but its input was unacceptable (e.g. too many bad records)."""
 
 
-class _ParseFile(beam.DoFn):
-    """Readable file -> Impression (main output) and DeadLetter (tagged 'dead').
+# ---- Reading: files -> shards -> blocks of events, cut by user shard ----------------------------
 
-    JSON Lines and CSV are read line by line (gzip detected from the name); Parquet row by row,
-    where the "line" of a dead letter is the 1-based row number.
+
+class _Shard(NamedTuple):
+    """Lines of `path` that start in [start, end); end None: to the end of the file."""
+
+    path: str
+    start: int
+    end: Optional[int]
+
+
+def _splittable(path: str) -> bool:
+    return not path.endswith(".parquet") and CompressionTypes.detect_compression_type(path) == CompressionTypes.UNCOMPRESSED
+
+
+def _file_shards(metadata, shard_bytes: int):
+    """A file's shards: byte ranges of a plain text file, else the whole file."""
+    path, size = metadata.path, metadata.size_in_bytes
+    if not _splittable(path) or size <= shard_bytes:
+        yield _Shard(path, 0, None)
+        return
+    starts = list(range(0, size, shard_bytes))
+    for start, end in zip(starts, starts[1:] + [None]):
+        yield _Shard(path, start, end)
+
+
+def _owned_blocks(handle, start: int, end: Optional[int], block_bytes: int):
+    """Blocks of the whole lines of `handle` (at `start`) that start in [start, end)."""
+    if start > 0:
+        handle.seek(start - 1)
+        if handle.read(1) != b"\n":  # a line that began before `start`: the previous shard's
+            start += len(handle.readline())
+    if end is not None and start >= end:
+        return
+    carry, carry_start = b"", start  # carry: the bytes from carry_start on not yet yielded
+    while True:
+        data = handle.read(block_bytes)
+        if not data:
+            if carry:
+                yield carry
+            return
+        buf = carry + data
+        if end is not None and carry_start + len(buf) >= end:
+            stop = buf.find(b"\n", end - carry_start - 1)  # the end of the line holding byte end - 1
+            if stop != -1:
+                yield buf[:stop + 1]
+                return
+            carry = buf
+            continue
+        cut = buf.rfind(b"\n") + 1
+        if cut:
+            yield buf[:cut]
+        carry, carry_start = buf[cut:], carry_start + cut
+
+
+def _line_count(block: bytes) -> int:
+    return block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+
+
+def user_shard_of(users, shards: int) -> np.ndarray:
+    """The user shard of each user id (a pyarrow string array): crc32 of the UTF-8 id, mod `shards`."""
+    import pyarrow.compute as pc
+
+    encoded = pc.dictionary_encode(users)
+    if hasattr(encoded, "combine_chunks"):
+        encoded = encoded.combine_chunks()
+    hashes = np.array([zlib.crc32(u.encode()) for u in encoded.dictionary.to_pylist()], np.int64)
+    return (hashes % shards)[encoded.indices.to_numpy()] if len(hashes) else np.zeros(0, np.int64)
+
+
+def to_ipc(table) -> bytes:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def from_ipc(data: bytes):
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+
+
+def _ts_summary(ts: np.ndarray):
+    """Timestamps -> (distinct values, counts): the input of `_TsQuantile` and `_MinMax`."""
+    values, counts = np.unique(ts, return_counts=True)
+    return values, counts
+
+
+class _ParseShard(beam.DoFn):
+    """_Shard -> (user shard, Arrow IPC piece of its good events), plus tagged outputs:
+
+    'dead': (path, (shard start, DeadLetter numbered from the shard's first line)),
+    'lines': (path, (shard start, lines the shard owns)), 'read': (path, records read),
+    'ts': a block's timestamp summary, 'domains': a block's distinct domains.
     """
 
-    DEAD = "dead"
-    READ = "read"  # (path, records read): checked against what reaches the outputs
+    DEAD, LINES, READ, TS, DOMAINS = "dead", "lines", "read", "ts", "domains"
 
-    def __init__(self, options: records.ParseOptions):
-        self._options = options
+    def __init__(self, options: records.ParseOptions, user_shards: int, block_bytes: int = BLOCK_BYTES):
+        self._options, self._user_shards, self._block_bytes = options, user_shards, block_bytes
 
-    def _parquet(self, handle, path):
+    def process(self, shard: _Shard):
+        path = shard.path
+        read, lines = 0, 0
+        if path.endswith(".parquet"):
+            blocks = self._parquet(path)
+        elif shard.end is None and shard.start == 0:
+            blocks = self._text(FileSystems.open(path), shard)  # gzip detected from the name
+        else:
+            blocks = self._text(FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED), shard)
+        for parsed, block_lines in blocks:
+            yield from self._emit(parsed, shard)
+            read += parsed.read
+            lines += block_lines
+        yield beam.pvalue.TaggedOutput(self.READ, (path, read))
+        yield beam.pvalue.TaggedOutput(self.LINES, (path, (shard.start, lines)))
+
+    def _parquet(self, path):
         import pyarrow.parquet as pq
 
         row = 0
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=65536):
-            for record in batch.to_pylist():
-                row += 1
-                yield records.validate(record, path, row, json.dumps(record, default=str), self._options)
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=65536):
+                yield records.parse_arrow_batch(batch, row + 1, path, self._options), batch.num_rows
+                row += batch.num_rows
 
-    def process(self, readable: fileio.ReadableFile):
-        path = readable.metadata.path
-        with readable.open() as handle:
-            if path.endswith(".parquet"):
-                results = self._parquet(handle, path)
-            else:
-                results = records.parse_lines(iter(handle.readline, b""), path, self._options)
-            read = 0
-            for result in results:
-                read += 1
-                if isinstance(result, records.DeadLetter):
-                    yield beam.pvalue.TaggedOutput(self.DEAD, result)
+    def _text(self, handle, shard: _Shard):
+        """(ParsedBlock, lines) of the lines the shard owns; a CSV file's lines up to its header first."""
+        with handle:
+            start, header, owned = shard.start, None, 0
+            if records.is_csv_source(shard.path):
+                header, header_end, preamble = _csv_preamble(handle, shard.path)
+                mine = [(start_, dead) for start_, dead in preamble
+                        if start_ >= shard.start and (shard.end is None or start_ < shard.end)]
+                dead = [d for _, d in mine if d is not None]
+                owned = len(mine)
+                yield records.ParsedBlock(records.events_table([]), dead, len(dead)), owned
+                if shard.start == 0 and shard.end is None:
+                    start = None  # read on from the header: a gzip handle cannot seek
                 else:
-                    yield result
-        yield beam.pvalue.TaggedOutput(self.READ, (path, read))
+                    start = max(start, header_end)
+                    handle.seek(0)
+            if start is None:
+                blocks = _owned_blocks(handle, 0, None, self._block_bytes)
+            else:
+                blocks = _owned_blocks(handle, start, shard.end, self._block_bytes)
+            for block in blocks:
+                count = _line_count(block)
+                yield records.parse_block(block, owned + 1, shard.path, self._options, header), count
+                owned += count
+
+    def _emit(self, parsed: records.ParsedBlock, shard: _Shard):
+        for dead in parsed.dead:
+            yield beam.pvalue.TaggedOutput(self.DEAD, (shard.path, (shard.start, dead)))
+        events = parsed.events
+        if not events.num_rows:
+            return
+        yield beam.pvalue.TaggedOutput(self.TS, _ts_summary(events.column(F.LOG_TS).to_numpy()))
+        yield beam.pvalue.TaggedOutput(self.DOMAINS, tuple(sorted(set(events.column(F.LOG_DOMAIN).unique().to_pylist()))))
+        shards = user_shard_of(events.column(F.LOG_USER_ID), self._user_shards)
+        order = np.argsort(shards, kind="stable")
+        sorted_shards = shards[order]
+        bounds = np.flatnonzero(np.diff(sorted_shards)) + 1
+        for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(order)]])):
+            yield int(sorted_shards[lo]), to_ipc(events.take(order[lo:hi]))
 
 
-class ReadClickLogs(beam.PTransform):
-    """File patterns -> (impressions, dead letters), plus ((path, records read), ...) with `with_counts`."""
+def _csv_preamble(handle, source: str):
+    """A CSV file's lines up to its header, the first non-blank line.
 
-    def __init__(self, patterns: Sequence[str], options: records.ParseOptions, with_counts: bool = False):
+    Returns (header or None, byte offset after it, [(line start, DeadLetter or None)] for every
+    line up to and including the header; dead letters are lines that are not UTF-8).
+    """
+    offset, lines = 0, []
+    for number, raw in enumerate(iter(handle.readline, b""), start=1):
+        text = records._line_text(raw, source, number)
+        lines.append((offset, text if isinstance(text, records.DeadLetter) else None))
+        offset += len(raw)
+        if isinstance(text, str):
+            return records.csv_header(text), offset, lines
+    return None, offset, lines
+
+
+def _number_dead_letters(element):
+    """(path, {dead: [(shard start, local DeadLetter)], lines: [(shard start, lines)]}) -> DeadLetters
+    numbered in the file: a shard's lines come after those of the shards before it."""
+    _, joined = element
+    offsets, total = {}, 0
+    for start, count in sorted(joined["lines"]):
+        offsets[start] = total
+        total += count
+    for start, dead in joined["dead"]:
+        yield dataclasses.replace(dead, line=dead.line + offsets[start])
+
+
+class _Read(NamedTuple):
+    """What `_ReadEvents` gives: PCollections of pieces, dead letters, (path, records read),
+    timestamp summaries and domain tuples."""
+
+    pieces: object
+    dead: object
+    read: object
+    timestamps: object
+    domains: object
+
+
+class _ReadEvents(beam.PTransform):
+    """File patterns -> `_Read`."""
+
+    def __init__(self, patterns: Sequence[str], options: records.ParseOptions, user_shards: int,
+                 shard_bytes: int = SHARD_BYTES):
         super().__init__()
-        self._patterns = list(patterns)
-        self._options = options
-        self._with_counts = with_counts
+        self._patterns, self._options = list(patterns), options
+        self._user_shards, self._shard_bytes = user_shards, shard_bytes
 
     def expand(self, pbegin):
-        files = (
+        parsed = (
             pbegin
             | "Patterns" >> beam.Create(self._patterns)
             | "Match" >> fileio.MatchAll(fileio.EmptyMatchTreatment.DISALLOW)
-            | "Open" >> fileio.ReadMatches()
-            # Each file is read by one worker, so line numbers are exact.
-            | "Reshuffle" >> beam.Reshuffle()
+            | "Shards" >> beam.FlatMap(_file_shards, self._shard_bytes)
+            | "Reshuffle" >> beam.Reshuffle()  # shards spread over the workers
+            | "Parse" >> beam.ParDo(_ParseShard(self._options, self._user_shards)).with_outputs(
+                _ParseShard.DEAD, _ParseShard.LINES, _ParseShard.READ, _ParseShard.TS, _ParseShard.DOMAINS,
+                main="pieces")
         )
-        parsed = files | "Parse" >> beam.ParDo(_ParseFile(self._options)).with_outputs(
-            _ParseFile.DEAD, _ParseFile.READ, main="good")
+        dead = (
+            {"dead": parsed[_ParseShard.DEAD], "lines": parsed[_ParseShard.LINES]}
+            | "JoinLines" >> beam.CoGroupByKey()
+            | "NumberDead" >> beam.FlatMap(_number_dead_letters)
+        )
+        return _Read(parsed.pieces, dead, parsed[_ParseShard.READ], parsed[_ParseShard.TS], parsed[_ParseShard.DOMAINS])
+
+
+def _piece_events(element):
+    _, data = element
+    return [tuple(e) for e in records.table_events(from_ipc(data))]
+
+
+class ReadClickLogs(beam.PTransform):
+    """File patterns -> (good events as tuples, dead letters), plus ((path, records read), ...) with `with_counts`.
+
+    A row view of the reader the ingestion uses (which keeps events in columnar pieces).
+    """
+
+    def __init__(self, patterns: Sequence[str], options: records.ParseOptions, with_counts: bool = False,
+                 shard_bytes: int = SHARD_BYTES):
+        super().__init__()
+        self._patterns, self._options, self._with_counts, self._shard_bytes = list(patterns), options, with_counts, shard_bytes
+
+    def expand(self, pbegin):
+        read = pbegin | "ReadEvents" >> _ReadEvents(self._patterns, self._options, 1, self._shard_bytes)
+        good = read.pieces | "Rows" >> beam.FlatMap(_piece_events)
         if self._with_counts:
-            return parsed.good, parsed[_ParseFile.DEAD], parsed[_ParseFile.READ]
-        return parsed.good, parsed[_ParseFile.DEAD]
+            return good, read.dead, read.read
+        return good, read.dead
 
 
 def _dead_letter_json(dead: records.DeadLetter) -> str:
     return json.dumps(dataclasses.asdict(dead), sort_keys=True)
+
+
+def default_user_shards(patterns: Sequence[str]) -> int:
+    """User shards for about EVENTS_PER_USER_SHARD events each, guessed from the input size
+    (about 100 bytes an event; gzip and Parquet about 6x smaller)."""
+    total = 0
+    for result in FileSystems.match(list(patterns)):
+        for metadata in result.metadata_list:
+            total += metadata.size_in_bytes * (1 if _splittable(metadata.path) else 6)
+    return int(np.clip(np.ceil(total / 100 / EVENTS_PER_USER_SHARD), 1, MAX_USER_SHARDS))
+
+
+# ---- The eval cutoff -----------------------------------------------------------------------------
 
 
 def _eval_cutoff(bounds, eval_fraction: float) -> Optional[int]:
@@ -175,45 +416,268 @@ def _eval_cutoff(bounds, eval_fraction: float) -> Optional[int]:
     return int(high - eval_fraction * (high - low))
 
 
-def _quantile_cutoff(quantiles, eval_fraction: float) -> Optional[int]:
-    """split_by="events": the timestamp below which (1 - eval_fraction) of the events lie."""
-    if not quantiles:
-        return None
-    return int(quantiles[int(round((1 - eval_fraction) * (len(quantiles) - 1)))])
-
-
 class _MinMax(beam.CombineFn):
+    """Timestamp summaries -> (lowest, highest) timestamp, (None, None) for none."""
+
     def create_accumulator(self):
         return (None, None)
 
-    def add_input(self, acc, ts):
-        low, high = acc
-        return (ts if low is None else min(low, ts), ts if high is None else max(high, ts))
+    def add_input(self, acc, summary):
+        values, _ = summary
+        return self.merge_accumulators([acc, (int(values[0]), int(values[-1]))])
 
     def merge_accumulators(self, accs):
-        result = (None, None)
-        for low, high in accs:
-            if low is not None:
-                result = self.add_input(self.add_input(result, low), high)
-        return result
+        lows = [low for low, _ in accs if low is not None]
+        highs = [high for _, high in accs if high is not None]
+        return (min(lows), max(highs)) if lows else (None, None)
 
     def extract_output(self, acc):
         return acc
 
 
-def _summarise(split_counts, dead_counts, duplicates, cutoff, contract, read=()):
-    summary = {
-        "records_read": sum(n for _, n in read),
-        "files_read": len(read),
-        "contract": contract.to_dict() if contract else None,
-        "rows": {split: n for split, n in split_counts},
-        "dead_letter": {reason: n for reason, n in dead_counts},
-        "duplicates_dropped": sum(duplicates),
-        "eval_cutoff_ts": cutoff,
-    }
-    summary["good_records"] = sum(summary["rows"].values())
-    summary["bad_records"] = sum(summary["dead_letter"].values())
-    return json.dumps(summary, sort_keys=True, indent=2)
+class _TsQuantile(beam.CombineFn):
+    """Timestamp summaries -> the cutoff with the last `eval_fraction` of the events at or after it.
+
+    The accumulator is (distinct timestamps, counts); past `capacity` distinct timestamps it keeps
+    `capacity` of them, each with the count of the stretch it starts, so a rank is off by at most
+    a 1/capacity share of the events per compaction.
+    """
+
+    def __init__(self, eval_fraction: float, capacity: int = 1 << 17):
+        self._fraction, self._capacity = eval_fraction, capacity
+
+    def create_accumulator(self):
+        return (np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    def add_input(self, acc, summary):
+        return self.merge_accumulators([acc, summary])
+
+    def merge_accumulators(self, accs):
+        values = np.concatenate([np.asarray(v, np.int64) for v, _ in accs])
+        counts = np.concatenate([np.asarray(c, np.int64) for _, c in accs])
+        values, inverse = np.unique(values, return_inverse=True)
+        counts = np.bincount(inverse, weights=counts, minlength=len(values)).astype(np.int64)
+        if len(values) > self._capacity:
+            stretch = np.cumsum(counts) * self._capacity // (counts.sum() + 1)  # (monotone) stretch of each value
+            first = np.concatenate([[True], stretch[1:] != stretch[:-1]])
+            values, counts = values[first], np.add.reduceat(counts, np.flatnonzero(first))
+        return values, counts
+
+    def extract_output(self, acc):
+        values, counts = acc
+        if not len(values):
+            return None
+        rank = int((1 - self._fraction) * counts.sum())  # the events of rank >= this one are eval
+        return int(values[np.searchsorted(np.cumsum(counts), rank, side="right")])
+
+
+# ---- Writing gzip TFRecords in batches -----------------------------------------------------------
+
+
+def _masked_crc32c(crcs: np.ndarray) -> np.ndarray:
+    """TFRecord's masked CRC32C of each crc (uint64 array)."""
+    crcs = np.asarray(crcs, np.uint64)
+    rotated = ((crcs >> np.uint64(15)) | (crcs << np.uint64(17))) & np.uint64(0xFFFFFFFF)
+    return (rotated + np.uint64(0xA282EAD8)) & np.uint64(0xFFFFFFFF)
+
+
+class GzipTFRecordWriter:
+    """Writes TFRecord files (gzip) a batch of records at a time, through Beam's filesystems.
+
+    A batch is framed (length, masked CRC32C of the length, record, masked CRC32C of the record)
+    with one CRC call per record, and compressed in one zlib call on a background thread, so
+    compression overlaps the making of the next batch. The file is one gzip member, as
+    `tf.io.TFRecordWriter` writes with GZIP.
+    """
+
+    def __init__(self, path: str, level: int = GZIP_LEVEL):
+        self.path = path
+        self._file = FileSystems.create(path, mime_type="application/octet-stream",
+                                        compression_type=CompressionTypes.UNCOMPRESSED)
+        self._zip = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._pending = None
+        self._headers = {}  # record length -> its 12 header bytes
+        self.records = 0
+
+    def _header(self, length: int) -> bytes:
+        header = self._headers.get(length)
+        if header is None:
+            import google_crc32c
+
+            encoded = struct.pack("<Q", length)
+            header = encoded + struct.pack("<I", int(_masked_crc32c([google_crc32c.value(encoded)])[0]))
+            self._headers[length] = header
+        return header
+
+    def write(self, data: np.ndarray, ends: np.ndarray) -> None:
+        """Writes records data[ends[i-1]:ends[i]] (data: uint8 bytes, ends: end offsets)."""
+        import google_crc32c
+
+        raw = data.tobytes()
+        starts = [0] + ends[:-1].tolist()
+        chunks = [raw[a:b] for a, b in zip(starts, ends.tolist())]
+        footers = _masked_crc32c([google_crc32c.value(c) for c in chunks]).astype("<u4").tobytes()
+        parts = []
+        for i, chunk in enumerate(chunks):
+            parts += (self._header(len(chunk)), chunk, footers[4 * i:4 * i + 4])
+        self._wait()
+        self._pending = self._thread.submit(self._compress, b"".join(parts))
+        self.records += len(chunks)
+
+    def _compress(self, framed: bytes) -> None:
+        self._file.write(self._zip.compress(framed))
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def close(self) -> None:
+        self._wait()
+        self._thread.shutdown()
+        self._file.write(self._zip.flush())
+        self._file.close()
+
+
+def _ensure_dir(path: str) -> None:
+    if not FileSystems.exists(path):
+        try:
+            FileSystems.mkdirs(path)
+        except IOError:  # made meanwhile by another worker
+            pass
+
+
+# ---- Examples of a user shard --------------------------------------------------------------------
+
+ORACLE_BINS = 100_000
+
+
+def _empty_stats() -> dict:
+    """Stats of no examples: what `_SplitStats` sums up."""
+    return {"domains": {}, "history_lengths": {}, "cold_start": 0, "rows": 0, "oracle": [{}, {}], "users": {}}
+
+
+def _add(counts: dict, key, n) -> None:
+    counts[key] = counts.get(key, 0) + n
+
+
+def _columns_stats(c: sequences.ExampleColumns, contract: F.Contract) -> dict:
+    """Stats of a block of examples of whole users (users counted per domain: no user is in two blocks)."""
+    stats = _empty_stats()
+    n, num_domains = len(c), len(contract.domains)
+    rows = np.bincount(c.domain, minlength=num_domains)
+    clicks = np.bincount(c.domain, weights=c.label, minlength=num_domains)
+    cold = np.bincount(c.domain, weights=c.cold_start, minlength=num_domains)
+    users = np.bincount(np.unique(c.user * num_domains + c.domain) % num_domains, minlength=num_domains)
+    for d in np.flatnonzero(rows):
+        name = contract.domains[d]
+        stats["domains"][name] = {"rows": int(rows[d]), "clicks": int(clicks[d]), "cold_start_rows": int(cold[d])}
+        stats["users"][name] = int(users[d])
+    lengths = np.bincount(c.hist_length)
+    stats["history_lengths"] = {str(k): int(v) for k, v in enumerate(lengths) if v}
+    stats["rows"], stats["cold_start"] = n, int(c.cold_start.sum())
+    scored = c.has_oracle & np.isfinite(c.oracle)
+    bins = np.minimum(np.trunc(c.oracle[scored] * ORACLE_BINS).astype(np.int64), ORACLE_BINS - 1)
+    for label in (0, 1):
+        values, counts = np.unique(bins[c.label[scored] == label], return_counts=True)
+        stats["oracle"][label] = dict(zip(values.tolist(), counts.tolist()))
+    return stats
+
+
+def _row_stats(rows: Iterable[tuple]) -> dict:
+    """Stats of example rows (see `_stats_row`); users are counted apart (a heavy user spans blocks)."""
+    stats = _empty_stats()
+    for domain, _, label, history_length, target_clicks, other_clicks, oracle in rows:
+        if oracle is not None and np.isfinite(oracle):
+            _add(stats["oracle"][label], min(int(oracle * ORACLE_BINS), ORACLE_BINS - 1), 1)
+        d = stats["domains"].setdefault(domain, {"rows": 0, "clicks": 0, "cold_start_rows": 0})
+        cold = int(target_clicks == 0 and other_clicks > 0)
+        d["rows"] += 1
+        d["clicks"] += label
+        d["cold_start_rows"] += cold
+        stats["cold_start"] += cold
+        stats["rows"] += 1
+        _add(stats["history_lengths"], str(history_length), 1)
+    return stats
+
+
+def _user_chunks(user: np.ndarray, size: int):
+    """(start, stop) of runs of about `size` events that never cut a user (sorted `user` codes)."""
+    n = len(user)
+    starts = np.flatnonzero(np.concatenate([[True], user[1:] != user[:-1]])) if n else np.zeros(0, np.int64)
+    lo = 0
+    while lo < n:
+        k = np.searchsorted(starts, lo + size, side="left")
+        hi = int(starts[k]) if k < len(starts) else n
+        hi = hi if hi > lo else (int(starts[k + 1]) if k + 1 < len(starts) else n)
+        yield lo, hi
+        lo = hi
+
+
+class _ShardExamples(beam.DoFn):
+    """(user shard, pieces) -> its examples written to one file per split; tagged outputs:
+
+    'stats': (split, stats of its examples), 'dup': duplicates dropped, 'heavy': ((user, block),
+    event tuple) of each event of a heavy user, for the block stages.
+    """
+
+    STATS, DUPLICATES, HEAVY = "stats", "dup", "heavy"
+
+    def __init__(self, output_dir: str, user_shards: int, heavy_user_events: int, block_seconds: int):
+        self._output_dir, self._user_shards = output_dir, user_shards
+        self._heavy_user_events, self._block_seconds = heavy_user_events, block_seconds
+
+    def process(self, element, contract, cutoff):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        shard, pieces = element
+        users = pa.chunked_array([from_ipc(p).column(F.LOG_USER_ID) for p in pieces])
+        counts = pc.value_counts(users).flatten()
+        heavy = pc.filter(counts[0], pc.greater(counts[1], self._heavy_user_events))
+        tables = []
+        for piece in pieces:
+            table = from_ipc(piece)
+            if len(heavy):
+                is_heavy = pc.is_in(table.column(F.LOG_USER_ID), value_set=heavy)
+                for event in records.table_events(table.filter(is_heavy)):
+                    yield beam.pvalue.TaggedOutput(
+                        self.HEAVY, ((event.user_id, event.ts // self._block_seconds), tuple(event)))
+                table = table.filter(pc.invert(is_heavy))
+            tables.append(table)
+        table, duplicates = sequences.sort_and_dedupe(pa.concat_tables(tables))
+        if duplicates:
+            yield beam.pvalue.TaggedOutput(self.DUPLICATES, duplicates)
+        if not table.num_rows:
+            return
+        writers = {}
+        user_codes = pc.dictionary_encode(table.column(F.LOG_USER_ID)).combine_chunks().indices.to_numpy()
+        try:
+            for lo, hi in _user_chunks(user_codes, CHUNK_EVENTS):
+                columns = sequences.columnar_examples(table.slice(lo, hi - lo), contract)
+                is_eval = columns.ts >= cutoff
+                for split, rows in ((F.TRAIN_SPLIT, np.flatnonzero(~is_eval)), (F.EVAL_SPLIT, np.flatnonzero(is_eval))):
+                    if not len(rows):
+                        continue
+                    part = columns.take(rows)
+                    yield beam.pvalue.TaggedOutput(self.STATS, (split, _columns_stats(part, contract)))
+                    if split not in writers:
+                        writers[split] = GzipTFRecordWriter(
+                            os.path.join(self._output_dir, TEMP_DIR, f"{split}-{shard}-{uuid.uuid4().hex}.gz"))
+                    for _, data, ends in sequences.encode_examples(part, contract):
+                        writers[split].write(data, ends)
+        finally:
+            for writer in writers.values():
+                writer.close()
+        for split, writer in writers.items():
+            final_dir = split_dir(self._output_dir, split)
+            _ensure_dir(final_dir)
+            FileSystems.rename([writer.path], [os.path.join(
+                final_dir, f"data_tfrecord-{shard:05d}-of-{self._user_shards:05d}.gz")])
+
+
+# ---- Heavy users: (user, time block) groups ------------------------------------------------------
 
 
 class _Block(beam.DoFn):
@@ -226,7 +690,7 @@ class _Block(beam.DoFn):
 
     def process(self, element):
         key, events = element
-        events = list(events)
+        events = [records.Impression._make(e) for e in events]
         unique = list(dict.fromkeys(events))
         if len(unique) < len(events):
             yield beam.pvalue.TaggedOutput(self.DUPLICATES, len(events) - len(unique))
@@ -243,25 +707,24 @@ def _block_states(element, contract):
 
 
 class _BlockExamples(beam.DoFn):
-    """Joined (user, block) -> serialized examples and light stats rows, tagged by split.
+    """Joined (user, block) -> serialized examples tagged by split; (split, stats) of the block
+    (tag 'stats'); (split, (domain, user)) of every example (tag 'users')."""
 
-    Examples are serialized where they are made, so no example dict is ever encoded between stages.
-    """
+    STATS, USERS = "stats", "users"
 
     def process(self, element, contract, cutoff):
         (user, _), joined = element
-        if isinstance(joined, dict):  # a heavy user's block, with the state at its start
-            (events,), (state,) = joined["events"], joined["state"]
-        else:  # a light user's whole timeline
-            events, state = joined, None
+        (events,), (state,) = joined["events"], joined["state"]
+        rows = {F.TRAIN_SPLIT: [], F.EVAL_SPLIT: []}
         for example in sequences.user_examples(user, events, contract, state):
             split = F.EVAL_SPLIT if example[F.TIMESTAMP] >= cutoff else F.TRAIN_SPLIT
             yield beam.pvalue.TaggedOutput(split, sequences.serialize_example(example))
-            yield beam.pvalue.TaggedOutput(_stats_tag(split), _stats_row(example))
-
-
-def _stats_tag(split: str) -> str:
-    return f"stats_{split}"
+            rows[split].append(_stats_row(example))
+        for split, split_rows in rows.items():
+            if split_rows:
+                yield beam.pvalue.TaggedOutput(self.STATS, (split, _row_stats(split_rows)))
+                for domain in {row[0] for row in split_rows}:
+                    yield beam.pvalue.TaggedOutput(self.USERS, (split, (domain, user)))
 
 
 def _stats_row(example: dict) -> tuple:
@@ -270,7 +733,7 @@ def _stats_row(example: dict) -> tuple:
             example[F.TARGET_DOMAIN_CLICKS], example[F.OTHER_DOMAIN_CLICKS], example.get(F.ORACLE_CTR))
 
 
-ORACLE_BINS = 100_000
+# ---- Stats and summary ---------------------------------------------------------------------------
 
 
 def _binned_auc(positives: dict, negatives: dict):
@@ -287,43 +750,32 @@ def _binned_auc(positives: dict, negatives: dict):
 
 
 class _SplitStats(beam.CombineFn):
-    """Examples of one split -> rows, clicks and CTR per domain, history lengths, cold start, and
-    (generated logs) the AUC of the true click probability `oracle_ctr`, the ceiling for models.
+    """Stats of blocks of one split's examples -> rows, clicks and CTR per domain, history lengths,
+    cold start, and (generated logs) the AUC of the true click probability `oracle_ctr`, the
+    ceiling for models.
 
     Cold start: no earlier click in the target domain but some elsewhere. The oracle AUC is
     computed from 100,000 score bins, so memory stays constant.
     """
 
     def create_accumulator(self):
-        return {"domains": {}, "history_lengths": {}, "cold_start": 0, "rows": 0, "oracle": [{}, {}]}
+        return _empty_stats()
 
-    def add_input(self, acc, row):
-        domain, _, label, history_length, target_clicks, other_clicks, oracle = row
-        if oracle is not None:
-            bins = acc["oracle"][label]
-            b = min(int(oracle * ORACLE_BINS), ORACLE_BINS - 1)
-            bins[b] = bins.get(b, 0) + 1
-        d = acc["domains"].setdefault(domain, {"rows": 0, "clicks": 0, "cold_start_rows": 0})
-        d["rows"] += 1
-        d["clicks"] += label
-        cold = int(target_clicks == 0 and other_clicks > 0)
-        d["cold_start_rows"] += cold
-        acc["cold_start"] += cold
-        acc["rows"] += 1
-        length = str(history_length)
-        acc["history_lengths"][length] = acc["history_lengths"].get(length, 0) + 1
-        return acc
+    def add_input(self, acc, stats):
+        return self.merge_accumulators([acc, stats])
 
     def merge_accumulators(self, accs):
-        result = self.create_accumulator()
+        result = _empty_stats()
         for acc in accs:
             result["rows"] += acc["rows"]
             result["cold_start"] += acc["cold_start"]
             for label in (0, 1):
                 for b, n in acc["oracle"][label].items():
-                    result["oracle"][label][b] = result["oracle"][label].get(b, 0) + n
+                    _add(result["oracle"][label], b, n)
             for k, n in acc["history_lengths"].items():
-                result["history_lengths"][k] = result["history_lengths"].get(k, 0) + n
+                _add(result["history_lengths"], k, n)
+            for domain, n in acc["users"].items():
+                _add(result["users"], domain, n)
             for domain, d in acc["domains"].items():
                 r = result["domains"].setdefault(domain, {"rows": 0, "clicks": 0, "cold_start_rows": 0})
                 for k in r:
@@ -340,10 +792,40 @@ class _SplitStats(beam.CombineFn):
         return acc
 
 
-def _stats_json(stats, users):
-    for domain, n in users:
+def _stats_json(stats, heavy_users):
+    """The split's stats as JSON, users per domain = those of the user shards + the heavy ones."""
+    users = stats.pop("users")
+    for domain, n in heavy_users:
+        _add(users, domain, n)
+    for domain, n in users.items():
         stats["domains"].setdefault(domain, {})["users"] = n
     return json.dumps(stats, sort_keys=True, indent=2)
+
+
+def _summarise(split_stats, dead_counts, duplicates, cutoff, contract, read=()):
+    rows = {F.TRAIN_SPLIT: 0, F.EVAL_SPLIT: 0}
+    for split, stats in split_stats:
+        rows[split] += stats["rows"]
+    summary = {
+        "records_read": sum(n for _, n in read),
+        "files_read": len({path for path, _ in read}),
+        "contract": contract.to_dict() if contract else None,
+        "rows": rows,
+        "dead_letter": {reason: n for reason, n in dead_counts},
+        "duplicates_dropped": sum(duplicates),
+        "eval_cutoff_ts": cutoff,
+    }
+    summary["good_records"] = sum(summary["rows"].values())
+    summary["bad_records"] = sum(summary["dead_letter"].values())
+    return json.dumps(summary, sort_keys=True, indent=2)
+
+
+def _finish(output_dir: str, *summary_args) -> str:
+    """The summary JSON, once every example file is in place; removes the temporary files."""
+    temp = os.path.join(output_dir, TEMP_DIR)
+    if FileSystems.exists(temp):
+        FileSystems.delete([temp])
+    return _summarise(*summary_args)
 
 
 def schema_text(contract: F.Contract) -> str:
@@ -364,86 +846,83 @@ def schema_text(contract: F.Contract) -> str:
 
 def build(pipeline: beam.Pipeline, config: IngestConfig, output_dir: str):
     """Adds the ingestion to `pipeline`; returns nothing (it writes under `output_dir`)."""
-    good, dead, read = pipeline | "Read" >> ReadClickLogs(config.input_patterns, config.parse, with_counts=True)
+    user_shards = config.user_shards or default_user_shards(config.input_patterns)
+    read = pipeline | "Read" >> _ReadEvents(config.input_patterns, config.parse, user_shards, config.shard_bytes)
 
-    timestamps = good | "Ts" >> beam.Map(lambda e: e.ts)
     if config.split_by == "time":
-        cutoff = (timestamps | "MinMax" >> beam.CombineGlobally(_MinMax())
+        cutoff = (read.timestamps | "MinMax" >> beam.CombineGlobally(_MinMax())
                   | "Cutoff" >> beam.Map(_eval_cutoff, config.eval_fraction))
     else:
-        cutoff = (timestamps | "Quantiles" >> beam.transforms.stats.ApproximateQuantiles.Globally(QUANTILES + 1)
-                  | "Cutoff" >> beam.Map(_quantile_cutoff, config.eval_fraction))
+        cutoff = read.timestamps | "Cutoff" >> beam.CombineGlobally(_TsQuantile(config.eval_fraction))
     if config.parse.domains:
         domains = pipeline | "Domains" >> beam.Create([tuple(config.parse.domains)])
     else:
         domains = (
-            good
-            | "Domain" >> beam.Map(lambda e: e.domain)
-            | "DistinctDomains" >> beam.Distinct()
-            | "DomainList" >> beam.combiners.ToList()
+            read.domains
+            | "DomainSets" >> beam.Map(set)
+            | "AllDomains" >> beam.CombineGlobally(lambda sets: set().union(*sets))
             | "Sort" >> beam.Map(lambda ds: tuple(sorted(ds)))
         )
     contract = domains | "Contract" >> beam.Map(lambda ds: config.contract(ds) if ds else None)
-    contract_side = beam.pvalue.AsSingleton(contract)
+    contract_side, cutoff_side = beam.pvalue.AsSingleton(contract), beam.pvalue.AsSingleton(cutoff)
 
-    # Heavy users (more than `heavy_user_events` events) are cut into time blocks; everyone else's
-    # timeline is one group, which skips the block-state stages.
-    heavy_users = (
-        good
-        | "UserOnes" >> beam.Map(lambda e: (e.user_id, 1))
-        | "EventsPerUser" >> beam.CombinePerKey(sum)
-        | "Heavy" >> beam.Filter(lambda kv: kv[1] > config.heavy_user_events)
+    shards = (
+        read.pieces
+        | "GroupShards" >> beam.GroupByKey()
+        | "ShardExamples" >> beam.ParDo(
+            _ShardExamples(output_dir, user_shards, config.heavy_user_events, config.block_seconds),
+            contract_side, cutoff_side).with_outputs(_ShardExamples.STATS, _ShardExamples.DUPLICATES,
+                                                     _ShardExamples.HEAVY, main="none")
     )
-    grouped = (
-        good
-        | "ByBlock" >> beam.Map(
-            lambda e, heavy: ((e.user_id, e.ts // config.block_seconds if e.user_id in heavy else _WHOLE_TIMELINE), e),
-            heavy=beam.pvalue.AsDict(heavy_users))
+    # Heavy users: grouped by (user, time block); each block's state at its start is the sum of
+    # the states of the user's earlier blocks.
+    blocks = (
+        shards[_ShardExamples.HEAVY]
         | "GroupBlock" >> beam.GroupByKey()
         | "Dedupe" >> beam.ParDo(_Block()).with_outputs(_Block.DUPLICATES, main="blocks")
     )
-    groups, duplicates = grouped.blocks, grouped[_Block.DUPLICATES]
-    whole, blocks = groups | "HeavyOrNot" >> beam.Partition(lambda kv, n: int(kv[0][1] != _WHOLE_TIMELINE), 2)
     starts = (
-        blocks
+        blocks.blocks
         | "BlockState" >> beam.Map(lambda kv, c: (kv[0][0], (kv[0][1], sequences.block_state(kv[1], c))), contract_side)
         | "GroupUser" >> beam.GroupByKey()
         | "Prefix" >> beam.FlatMap(_block_states, contract_side)
     )
-    joined = {"events": blocks, "state": starts} | "Join" >> beam.CoGroupByKey()
     splits = [F.TRAIN_SPLIT, F.EVAL_SPLIT]
-    examples = (
-        (whole, joined)
-        | "AllGroups" >> beam.Flatten()
-        | "Examples" >> beam.ParDo(_BlockExamples(), contract_side, beam.pvalue.AsSingleton(cutoff)).with_outputs(
-            *splits, *[_stats_tag(split) for split in splits])
+    heavy = (
+        {"events": blocks.blocks, "state": starts}
+        | "Join" >> beam.CoGroupByKey()
+        | "HeavyExamples" >> beam.ParDo(_BlockExamples(), contract_side, cutoff_side).with_outputs(
+            _BlockExamples.STATS, _BlockExamples.USERS, *splits)
     )
-    split_counts = []
+    stats = (shards[_ShardExamples.STATS], heavy[_BlockExamples.STATS]) | "AllStats" >> beam.Flatten()
+    split_stats = []
     for split in splits:
-        pcoll, rows = examples[split], examples[_stats_tag(split)]
-        (
-            pcoll
-            | f"Write{split}" >> beam.io.WriteToTFRecord(
-                os.path.join(split_dir(output_dir, split), "data_tfrecord"), file_name_suffix=".gz"
-            )
-        )
-        split_counts.append(
-            pcoll | f"Count{split}" >> beam.combiners.Count.Globally() | f"Key{split}" >> beam.Map(lambda n, s=split: (s, n))
-        )
-        users = (
-            rows
-            | f"UserDomain{split}" >> beam.Map(lambda row: (row[0], row[1]))
+        # Beam's writer makes a file even for no examples, so every split has one.
+        heavy[split] | f"Write{split}" >> beam.io.WriteToTFRecord(
+            os.path.join(split_dir(output_dir, split), HEAVY_FILE_PREFIX), file_name_suffix=".gz")
+        heavy_users = (
+            heavy[_BlockExamples.USERS]
+            | f"Users{split}" >> beam.Filter(lambda kv, s=split: kv[0] == s)
+            | f"UserDomain{split}" >> beam.Map(lambda kv: kv[1])
             | f"DistinctUsers{split}" >> beam.Distinct()
             | f"CountUsers{split}" >> beam.combiners.Count.PerKey()
+            | f"UserDomains{split}" >> beam.Map(lambda kv: (kv[0], kv[1]))
         )
-        (
-            rows
+        merged = (
+            stats
+            | f"Of{split}" >> beam.Filter(lambda kv, s=split: kv[0] == s)
+            | f"Values{split}" >> beam.Map(lambda kv: kv[1])
             | f"Stats{split}" >> beam.CombineGlobally(_SplitStats())
-            | f"StatsJson{split}" >> beam.Map(_stats_json, beam.pvalue.AsList(users))
+        )
+        split_stats.append(merged | f"Key{split}" >> beam.Map(lambda s, split=split: (split, s)))
+        (
+            merged
+            | f"StatsJson{split}" >> beam.Map(lambda s, users: _stats_json(dict(s), users), beam.pvalue.AsList(heavy_users))
             | f"WriteStats{split}" >> beam.io.WriteToText(os.path.join(output_dir, STATS_DIR, f"{split}.json"),
                                                           shard_name_template="")
         )
 
+    dead = read.dead
     (
         dead
         | "DeadJson" >> beam.Map(_dead_letter_json)
@@ -454,19 +933,20 @@ def build(pipeline: beam.Pipeline, config: IngestConfig, output_dir: str):
         | "Schema" >> beam.FlatMap(lambda c: [schema_text(c)] if c else [])
         | "WriteSchema" >> beam.io.WriteToText(os.path.join(output_dir, SCHEMA_FILE), shard_name_template="")
     )
-    all_split_counts = split_counts | "Splits" >> beam.Flatten()
+    all_split_stats = split_stats | "Splits" >> beam.Flatten()
+    duplicates = (shards[_ShardExamples.DUPLICATES], blocks[_Block.DUPLICATES]) | "AllDuplicates" >> beam.Flatten()
     dead_counts = dead | "Reason" >> beam.Map(lambda d: d.reason) | "CountReasons" >> beam.combiners.Count.PerElement()
     (
         pipeline
         | "One" >> beam.Create([None])
         | "Summary" >> beam.Map(
-            lambda _, splits, reasons, dups, cut, c, read: _summarise(splits, reasons, dups, cut, c, read),
-            splits=beam.pvalue.AsList(all_split_counts),
+            lambda _, splits, reasons, dups, cut, c, read: _finish(output_dir, splits, reasons, dups, cut, c, read),
+            splits=beam.pvalue.AsList(all_split_stats),
             reasons=beam.pvalue.AsList(dead_counts),
             dups=beam.pvalue.AsList(duplicates),
-            cut=beam.pvalue.AsSingleton(cutoff),
+            cut=cutoff_side,
             c=contract_side,
-            read=beam.pvalue.AsList(read),
+            read=beam.pvalue.AsList(read.read),
         )
         | "WriteSummary" >> beam.io.WriteToText(os.path.join(output_dir, SUMMARY_FILE), shard_name_template="")
     )

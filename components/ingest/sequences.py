@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import collections
 import itertools
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, NamedTuple, Optional
+
+import numpy as np
 
 from xdctr import features as F
 
@@ -151,3 +153,380 @@ def serialize_example(example: dict) -> bytes:
     """Example dict -> serialized tf.Example (filling the message in place: 2.5x faster than
     building Feature objects, which led the ingestion's profile)."""
     return to_tf_example(example).SerializeToString()
+
+
+# ---- Columnar: the same examples for a block of whole users at once ------------------------------
+#
+# `columnar_examples` computes every feature of `user_examples` with numpy over a table of events
+# sorted by (user, ts, domain, item_id, clicked, oracle_ctr), and `encode_examples` writes the
+# tf.Examples' wire format directly from those arrays (the bytes of `SerializeToString(
+# deterministic=True)`), so no Python object is made per event or per feature value.
+
+
+class ExampleColumns(NamedTuple):
+    """The features of n examples as arrays; ids are codes into the vocabularies.
+
+    Attributes:
+      users, items: vocabularies (bytes); `items[-1]` is the padding id F.PAD_ID.
+      user, item, domain: (n,) codes (domain: index into contract.domains).
+      ts, label, hist_length, target_clicks, other_clicks, cold_start, activity: (n,) ints
+        (activity: index into F.ACTIVITY_BUCKETS).
+      hist_items, hist_domains (domain code, D = padding), hist_ts: (n, L).
+      domain_hist_items: (n, D * Ld), the (D, Ld) matrix row-major; domain_hist_lengths: (n, D).
+      oracle: (n,) float64, NaN where `has_oracle` is False.
+    """
+
+    users: list
+    items: list
+    user: np.ndarray
+    item: np.ndarray
+    domain: np.ndarray
+    ts: np.ndarray
+    label: np.ndarray
+    hist_items: np.ndarray
+    hist_domains: np.ndarray
+    hist_ts: np.ndarray
+    hist_length: np.ndarray
+    domain_hist_items: np.ndarray
+    domain_hist_lengths: np.ndarray
+    target_clicks: np.ndarray
+    other_clicks: np.ndarray
+    cold_start: np.ndarray
+    activity: np.ndarray
+    oracle: np.ndarray
+    has_oracle: np.ndarray
+
+    def __len__(self):
+        return len(self.ts)
+
+    def take(self, rows: np.ndarray) -> "ExampleColumns":
+        """The examples at `rows` (vocabularies unchanged)."""
+        return ExampleColumns(self.users, self.items, *(getattr(self, name)[rows] for name in self._fields[2:]))
+
+    def to_dicts(self, contract: F.Contract) -> Iterator[dict]:
+        """The example dicts of `user_examples`, for tests and the reference path."""
+        pad = len(self.items) - 1
+        domains = [d.encode() for d in contract.domains] + [F.PAD_ID]
+        for i in range(len(self)):
+            example = {
+                F.USER_ID: self.users[self.user[i]], F.ITEM_ID: self.items[self.item[i]],
+                F.DOMAIN: domains[self.domain[i]], F.TIMESTAMP: int(self.ts[i]),
+                F.HISTORY_ITEM_IDS: [self.items[c] for c in self.hist_items[i]],
+                F.HISTORY_DOMAINS: [domains[c] for c in self.hist_domains[i]],
+                F.HISTORY_TIMESTAMPS: self.hist_ts[i].tolist(), F.HISTORY_LENGTH: int(self.hist_length[i]),
+                F.DOMAIN_HISTORY_ITEM_IDS: [self.items[c] if c != pad else F.PAD_ID for c in self.domain_hist_items[i]],
+                F.DOMAIN_HISTORY_LENGTHS: self.domain_hist_lengths[i].tolist(),
+                F.TARGET_DOMAIN_CLICKS: int(self.target_clicks[i]), F.OTHER_DOMAIN_CLICKS: int(self.other_clicks[i]),
+                F.LABEL: int(self.label[i]), F.COLD_START: int(self.cold_start[i]),
+                F.ACTIVITY_BUCKET: F.ACTIVITY_BUCKETS[self.activity[i]][1].encode(),
+            }
+            if self.has_oracle[i]:
+                example[F.ORACLE_CTR] = float(self.oracle[i])
+            yield example
+
+
+def sort_and_dedupe(table):
+    """Events (records.event_schema()) -> (sorted by user, then `event_order`, without exact duplicates; duplicates dropped).
+
+    Events without an oracle_ctr come before those with one of the same other fields, so that
+    exact duplicates are always neighbours.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    oracle = table.column(F.LOG_ORACLE_CTR)
+    keyed = table.append_column("_has_oracle", pc.is_valid(oracle)).append_column("_oracle", pc.fill_null(oracle, -1.0))
+    keys = [F.LOG_USER_ID, F.LOG_TS, F.LOG_DOMAIN, F.LOG_ITEM_ID, F.LOG_CLICKED, "_has_oracle", "_oracle"]
+    table = table.take(pc.sort_indices(keyed, sort_keys=[(k, "ascending") for k in keys]))
+    n = table.num_rows
+    if n < 2:
+        return table, 0
+    same = np.ones(n - 1, bool)
+    for field in (F.LOG_USER_ID, F.LOG_TS, F.LOG_DOMAIN, F.LOG_ITEM_ID, F.LOG_CLICKED):
+        column = table.column(field)
+        same &= pc.equal(column.slice(1), column.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    oracle = table.column(F.LOG_ORACLE_CTR)
+    valid = oracle.is_valid().to_numpy(zero_copy_only=False)
+    values = oracle.fill_null(0.0).to_numpy()
+    same &= (~valid[1:] & ~valid[:-1]) | (valid[1:] & valid[:-1] & (values[1:] == values[:-1]))
+    keep = np.concatenate([[True], ~same])
+    return table.filter(pa.array(keep)), int(n - keep.sum())
+
+
+def _run_starts(new_run: np.ndarray) -> np.ndarray:
+    """For each position, the index where its run (a stretch without a True of `new_run`) starts."""
+    return np.maximum.accumulate(np.where(new_run, np.arange(len(new_run)), 0))
+
+
+def _last_clicks(clicks: np.ndarray, group_start: np.ndarray, user_start: np.ndarray, length: int):
+    """The last `length` clicks (event indices) strictly before each event's timestamp, by its user.
+
+    Returns (indices (n, length), valid (n, length), count (n,)): left-padded like the histories,
+    most recent last; `count` is all the earlier clicks, not only the kept ones.
+    """
+    before = np.concatenate([[0], np.cumsum(clicks)])  # before[i]: clicks at positions < i
+    positions = np.flatnonzero(clicks)
+    first, stop = before[user_start], before[group_start]  # the user's earlier clicks are ordinals [first, stop)
+    ordinals = stop[:, None] - length + np.arange(length)[None, :]
+    valid = ordinals >= first[:, None]
+    indices = positions[np.where(valid, ordinals, 0)] if len(positions) else np.zeros(ordinals.shape, np.int64)
+    return indices, valid, stop - first
+
+
+def columnar_examples(table, contract: F.Contract) -> ExampleColumns:
+    """The examples of `user_examples` for every user of `table`, computed column-wise.
+
+    `table`: a pyarrow table of events (records.event_schema()) holding each of its users' whole
+    (deduplicated) timeline, sorted by `sort_and_dedupe`. Same-timestamp events share their
+    history: every feature counts only clicks at strictly earlier timestamps.
+    """
+    import pyarrow.compute as pc
+
+    user_codes = pc.dictionary_encode(table.column(F.LOG_USER_ID)).combine_chunks()
+    item_codes = pc.dictionary_encode(table.column(F.LOG_ITEM_ID)).combine_chunks()
+    domain_index = {d: i for i, d in enumerate(contract.domains)}
+    domain_codes = pc.dictionary_encode(table.column(F.LOG_DOMAIN)).combine_chunks()
+    unknown = [d for d in domain_codes.dictionary.to_pylist() if d not in domain_index]
+    if unknown:
+        raise ValueError(f"events of domains {unknown} are not in the contract's domains {list(contract.domains)}")
+    to_contract = np.array([domain_index[d] for d in domain_codes.dictionary.to_pylist()], np.int64)
+
+    user = user_codes.indices.to_numpy().astype(np.int64)
+    item = item_codes.indices.to_numpy().astype(np.int64)
+    domain = to_contract[domain_codes.indices.to_numpy()] if len(to_contract) else np.zeros(0, np.int64)
+    ts = table.column(F.LOG_TS).to_numpy()
+    label = table.column(F.LOG_CLICKED).to_numpy().astype(np.int64)
+    oracle_column = table.column(F.LOG_ORACLE_CTR)
+    has_oracle = oracle_column.is_valid().to_numpy(zero_copy_only=False)
+    oracle = oracle_column.fill_null(np.nan).to_numpy()
+    n, num_domains = len(ts), len(contract.domains)
+    pad_item = len(item_codes.dictionary)
+
+    new_user = np.ones(n, bool)
+    new_user[1:] = user[1:] != user[:-1]
+    new_ts = new_user.copy()
+    new_ts[1:] |= ts[1:] != ts[:-1]
+    user_start, group_start = _run_starts(new_user), _run_starts(new_ts)
+
+    indices, valid, total = _last_clicks(label, group_start, user_start, contract.history_length)
+    hist_items = np.where(valid, item[indices], pad_item)
+    hist_domains = np.where(valid, domain[indices], num_domains)
+    hist_ts = np.where(valid, ts[indices], 0)
+    per_domain_items, per_domain_counts = [], []
+    for d in range(num_domains):
+        d_indices, d_valid, d_count = _last_clicks(label * (domain == d), group_start, user_start,
+                                                   contract.domain_history_length)
+        per_domain_items.append(np.where(d_valid, item[d_indices], pad_item))
+        per_domain_counts.append(d_count)
+    counts = np.stack(per_domain_counts, axis=1) if n else np.zeros((0, num_domains), np.int64)  # (n, D)
+    target = counts[np.arange(n), domain]
+    bounds = np.array([lower for lower, _ in F.ACTIVITY_BUCKETS])
+    return ExampleColumns(
+        users=[u.encode() for u in user_codes.dictionary.to_pylist()],
+        items=[i.encode() for i in item_codes.dictionary.to_pylist()] + [F.PAD_ID],
+        user=user, item=item, domain=domain, ts=ts, label=label,
+        hist_items=hist_items, hist_domains=hist_domains, hist_ts=hist_ts,
+        hist_length=valid.sum(axis=1),
+        domain_hist_items=(np.concatenate(per_domain_items, axis=1) if n
+                           else np.zeros((0, num_domains * contract.domain_history_length), np.int64)),
+        domain_hist_lengths=np.minimum(counts, contract.domain_history_length),
+        target_clicks=target, other_clicks=total - target,
+        cold_start=((target == 0) & (total > 0)).astype(np.int64),
+        activity=np.searchsorted(bounds, total, side="right") - 1,
+        oracle=oracle, has_oracle=has_oracle,
+    )
+
+
+# ---- The tf.Example wire format, written from arrays ---------------------------------------------
+#
+# Example = field 1 (Features); Features = repeated field 1 (map entry); entry = key (field 1) and
+# Feature (field 2); Feature = bytes_list (1) | float_list (2) | int64_list (3); each list holds
+# field 1: bytes values one by one, floats and ints packed. Every piece of an example is a
+# "token" (a byte string in a pool); an example is a row of token ids, and the bytes of all
+# examples come from one gather over the pool.
+
+_BYTES, _FLOAT, _INT = 0x0A, 0x12, 0x1A  # the Feature field tags (field number << 3 | 2)
+_SMALL = 1 << 14  # varints of 0..16383 (1-2 bytes) are tokens 0..16383 of every pool
+
+
+def varints(values: np.ndarray):
+    """Protobuf varints of int64 values (negative ones as 10 bytes): (bytes (m, 10) uint8, lengths (m,))."""
+    v = np.asarray(values, np.int64).astype(np.uint64)
+    shifts = np.arange(10, dtype=np.uint64) * np.uint64(7)
+    groups = ((v[:, None] >> shifts[None, :]) & np.uint64(0x7F)).astype(np.uint8)  # (m, 10)
+    lengths = 1 + (v[:, None] >= (np.uint64(1) << shifts[None, 1:])).sum(axis=1)
+    more = np.arange(10)[None, :] < (lengths[:, None] - 1)
+    return groups | (more.astype(np.uint8) << 7), lengths
+
+
+def _varint(value: int) -> bytes:
+    """One non-negative varint."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_SMALL_VARINTS = None  # (bytes, offsets, lengths) of the varints of 0.._SMALL-1, made once
+
+
+class _Pool:
+    """Byte strings ("tokens") in one buffer; `add` and `ints` return token ids, `gather` joins rows of them."""
+
+    def __init__(self):
+        global _SMALL_VARINTS
+        if _SMALL_VARINTS is None:
+            rows, lengths = varints(np.arange(_SMALL))
+            _SMALL_VARINTS = (rows[np.arange(10)[None, :] < lengths[:, None]], np.cumsum(lengths) - lengths, lengths)
+        data, offsets, lengths = _SMALL_VARINTS
+        self._data, self._offsets, self._lengths = [data], [offsets], [lengths]
+        self._size, self._bytes = _SMALL, len(data)
+        self._merged = None
+
+    def _append(self, data: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Tokens of consecutive byte strings: `data` cut at `lengths`."""
+        ids = np.arange(self._size, self._size + len(lengths))
+        self._data.append(data)
+        self._offsets.append(self._bytes + np.cumsum(lengths) - lengths)
+        self._lengths.append(lengths)
+        self._size += len(lengths)
+        self._bytes += len(data)
+        self._merged = None
+        return ids
+
+    def add_rows(self, rows: np.ndarray, lengths) -> np.ndarray:
+        """Tokens from the first `lengths[i]` bytes of each row of `rows` (m, width) uint8."""
+        lengths = np.asarray(lengths, np.int64)
+        return self._append(rows[np.arange(rows.shape[1])[None, :] < lengths[:, None]], lengths)
+
+    def add(self, values: list) -> np.ndarray:
+        """Tokens of byte strings."""
+        return self._append(np.frombuffer(b"".join(values), np.uint8), np.array([len(v) for v in values], np.int64))
+
+    def ints(self, values) -> np.ndarray:
+        """Varint tokens of int `values` (any shape): small ones from the table, others added."""
+        flat = np.asarray(values, np.int64).ravel()
+        ids = flat.copy()
+        large = (flat < 0) | (flat >= _SMALL)
+        if large.any():
+            unique, inverse = np.unique(flat[large], return_inverse=True)
+            ids[large] = self.add_rows(*varints(unique))[inverse]
+        return ids.reshape(np.shape(values))
+
+    def fork(self) -> "_Pool":
+        """A pool that starts with this one's tokens; what is added to it stays out of this one."""
+        pool = _Pool.__new__(_Pool)
+        pool._data, pool._offsets, pool._lengths = list(self._data), list(self._offsets), list(self._lengths)
+        pool._size, pool._bytes, pool._merged = self._size, self._bytes, self._merged
+        return pool
+
+    def _merge(self):
+        if self._merged is None:
+            self._merged = tuple(np.concatenate(parts) for parts in (self._data, self._offsets, self._lengths))
+        return self._merged
+
+    def length(self, tokens: np.ndarray) -> np.ndarray:
+        return self._merge()[2][tokens]
+
+    def gather(self, tokens: np.ndarray):
+        """Rows of token ids (n, K) -> (their bytes concatenated, as uint8; the end offset of each row)."""
+        data, offsets, lengths = self._merge()
+        row_lengths = lengths[tokens].sum(axis=1)
+        flat = tokens.ravel()
+        flat = flat[lengths[flat] > 0]
+        sizes, sources = lengths[flat], offsets[flat]
+        # Byte k of the output comes from pool byte src[k] = src[k-1] + 1 within a token, and
+        # jumps to the token's offset where a token starts: a cumulative sum of steps.
+        starts = np.cumsum(sizes) - sizes
+        steps = np.ones(int(sizes.sum()), np.int32 if len(data) < 2**31 else np.int64)
+        steps[starts[1:]] = sources[1:] - (sources[:-1] + sizes[:-1]) + 1
+        if len(steps):
+            steps[0] = sources[0]
+        return data[np.cumsum(steps)], np.cumsum(row_lengths)
+
+
+class _Feature(NamedTuple):
+    name: str
+    kind: int  # _BYTES, _FLOAT or _INT
+    values: np.ndarray  # (n, w) token ids: BytesList entries, or the packed varints / floats
+    present: Optional[np.ndarray] = None  # (n,) bool; None: every example has the feature
+
+
+def _encode(pool: _Pool, features: list, n: int):
+    """Examples of `features` -> (bytes, row ends), entries in key order as deterministic serialization."""
+    field1, empty = pool.add([b"\x0a", b""])
+    kind_tokens = dict(zip((_BYTES, _FLOAT, _INT), pool.add([bytes([_BYTES]), bytes([_FLOAT]), bytes([_INT])])))
+
+    def column(token):
+        return np.full(n, token)
+
+    blocks, features_len = [], np.zeros(n, np.int64)
+    for feature in sorted(features, key=lambda f: f.name):
+        key = feature.name.encode()
+        key_part = b"\x0a" + _varint(len(key)) + key + b"\x12"  # entry field 1 (key), then field 2's tag
+        payload = pool.length(feature.values).sum(axis=1)
+        if feature.kind == _BYTES:  # BytesList: the value entries themselves
+            head, list_len = [], payload
+        else:  # Int64List / FloatList: field 1, packed
+            packed = pool.ints(payload)
+            head, list_len = [column(field1), packed], 1 + pool.length(packed) + payload
+        list_tokens = pool.ints(list_len)
+        feature_len = 1 + pool.length(list_tokens) + list_len
+        feature_tokens = pool.ints(feature_len)
+        entry_len = len(key_part) + pool.length(feature_tokens) + feature_len
+        entry_tokens = pool.ints(entry_len)
+        block = np.column_stack([column(field1), entry_tokens, column(pool.add([key_part])[0]), feature_tokens,
+                                 column(kind_tokens[feature.kind]), list_tokens, *head, feature.values])
+        entry_total = 1 + pool.length(entry_tokens) + entry_len
+        if feature.present is not None:
+            block[~feature.present] = empty
+            entry_total = np.where(feature.present, entry_total, 0)
+        blocks.append(block)
+        features_len += entry_total
+    return pool.gather(np.column_stack([column(field1), pool.ints(features_len), *blocks]))
+
+
+def encode_examples(columns: ExampleColumns, contract: F.Contract, chunk: int = 4096) -> Iterator[tuple]:
+    """Serialized tf.Examples of `columns`, `chunk` at a time: yields (rows, data, ends).
+
+    `rows` are the indices of the chunk's examples in `columns`; example rows[i] is
+    data[ends[i-1]:ends[i]] (data: uint8), with the features in key order.
+    """
+    base = _Pool()
+
+    def entries(pool: _Pool, values: list) -> np.ndarray:  # BytesList value entries: field 1, length, bytes
+        return pool.add([b"\x0a" + _varint(len(v)) + v for v in values])
+
+    items = entries(base, columns.items)  # the last one is the padding id
+    users = entries(base, columns.users)
+    domains = entries(base, [d.encode() for d in contract.domains] + [F.PAD_ID])
+    buckets = entries(base, [name.encode() for _, name in F.ACTIVITY_BUCKETS])
+
+    def scalar(tokens):
+        return tokens[:, None]
+
+    for start in range(0, len(columns), chunk):
+        rows = np.arange(start, min(len(columns), start + chunk))
+        c, pool, n = columns.take(rows), base.fork(), len(rows)
+        floats = np.ascontiguousarray(np.nan_to_num(c.oracle).astype("<f4")).view(np.uint8).reshape(n, 4)
+        data, ends = _encode(pool, [
+            _Feature(F.USER_ID, _BYTES, scalar(users[c.user])),
+            _Feature(F.ITEM_ID, _BYTES, scalar(items[c.item])),
+            _Feature(F.DOMAIN, _BYTES, scalar(domains[c.domain])),
+            _Feature(F.TIMESTAMP, _INT, scalar(pool.ints(c.ts))),
+            _Feature(F.HISTORY_ITEM_IDS, _BYTES, items[c.hist_items]),
+            _Feature(F.HISTORY_DOMAINS, _BYTES, domains[c.hist_domains]),
+            _Feature(F.HISTORY_TIMESTAMPS, _INT, pool.ints(c.hist_ts)),
+            _Feature(F.HISTORY_LENGTH, _INT, scalar(pool.ints(c.hist_length))),
+            _Feature(F.DOMAIN_HISTORY_ITEM_IDS, _BYTES, items[c.domain_hist_items]),
+            _Feature(F.DOMAIN_HISTORY_LENGTHS, _INT, pool.ints(c.domain_hist_lengths)),
+            _Feature(F.TARGET_DOMAIN_CLICKS, _INT, scalar(pool.ints(c.target_clicks))),
+            _Feature(F.OTHER_DOMAIN_CLICKS, _INT, scalar(pool.ints(c.other_clicks))),
+            _Feature(F.LABEL, _INT, scalar(pool.ints(c.label))),
+            _Feature(F.COLD_START, _INT, scalar(pool.ints(c.cold_start))),
+            _Feature(F.ACTIVITY_BUCKET, _BYTES, scalar(buckets[c.activity])),
+            _Feature(F.ORACLE_CTR, _FLOAT, scalar(pool.add_rows(floats, np.full(n, 4))), c.has_oracle),
+        ], n)
+        yield rows, data, ends
