@@ -159,7 +159,7 @@ def test_distinct_item_ids_of_targets_and_histories(tmp_path):
 def test_auto_item_buckets_is_the_next_power_of_two_above_factor_times_items():
     # n = 4, factor 2: 8 real buckets + the padding row -> 16; n = 3: 6 + 1 -> 8; n = 0 -> the minimum 4.
     assert [preprocess.auto_item_buckets(n, 2) for n in (4, 3, 0)] == [16, 8, 4]
-    assert preprocess.auto_item_buckets(25_836, 16) == 1 << 19  # food-kitchen's train items
+    assert preprocess.auto_item_buckets(25_836, 8) == 1 << 18  # food-kitchen's train items
     with pytest.raises(ValueError, match="factor=0"):
         preprocess.auto_item_buckets(10, 0)
 

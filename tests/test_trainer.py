@@ -109,7 +109,7 @@ def test_item_buckets_are_sized_from_the_train_split_unless_given(examples):
     assert resolve({"inputs": {"item_buckets": 300}}, train_files=files).item_buckets == 300
     assert resolve({"item_buckets": 512}, train_files=files).item_buckets == 512  # --set item_buckets=512
     assert resolve({}).item_buckets == models.config.InputConfig().item_buckets  # no data to size from
-    # At the auto size few items collide: no warning.
+    # At the auto size fewer items collide (about 1 - exp(-n / B) ~ 11% here): no warning.
     assert task.item_hashing(files, contract, auto)["colliding_item_fraction"] < task.COLLISION_WARNING
 
 
