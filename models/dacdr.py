@@ -16,11 +16,13 @@ from keras import ops
 from models import layers
 from models.base import CTRModel, dummy_inputs
 from models.config import InputConfig, override
-from models.layers.cross_attention import CrossAttention
+from models.layers.cross_attention import AttentionAllocation, CrossAttention
 from models.registry import register
 from xdctr import features as F
 
 SOURCE_SEQUENCES = ("mixed", "per_domain")
+QUERIES = ("target", "sequence")
+HISTORY_SCOPES = ("all", "source")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,17 +33,25 @@ class DACDRConfig:
       inputs: input sizes shared by every model; needs at least 2 domains.
       embedding_dim: size k of every embedding and of the cross-attention outputs.
       num_heads: cross-attention heads; must divide `embedding_dim` (head size k / heads).
-      num_domain_tokens: learnable feature tokens per domain, keys of the domain-level step.
-      num_item_tokens: learnable item-side tokens shared by all items, keys of the item-level step.
-      source_sequence: the source-domain behaviour sequence: "mixed" = HISTORY_ITEM_IDS with the
-        target domain's entries masked out; "per_domain" = the DOMAIN_HISTORY_ITEM_IDS rows of the
-        non-target domains, flattened.
+      num_domain_tokens: learnable feature tokens per domain, part of the target-domain features
+        E_t of the domain-level step.
+      num_item_tokens: learnable item-side tokens shared by all items, keys of the item-level step
+        (`query="sequence"` only: with target-item queries there is nothing to add them to).
+      query: what the queries of eq. 3-4 are: "target" (default; the target domain's features
+        query the behaviour sequence, then the target item refines that allocation, as the
+        paper's text describes) or "sequence" (the behaviour sequence queries the target-side
+        tokens, eq. 3-4's symbols read literally; the earlier form of this model).
+      history_scope: which behaviour entries are attended: "all" (default; the whole history,
+        target-domain entries included, weighted by the attention like any other) or "source"
+        (only the entries of the other domains, the paper's cold-start reading).
+      source_sequence: the behaviour sequence: "mixed" = HISTORY_ITEM_IDS; "per_domain" = the
+        DOMAIN_HISTORY_ITEM_IDS rows of every domain, flattened.
       encoder_units: layer sizes of the domain encoder g (eq. 6); the last is the size of the
         transferred user embedding.
       hidden_units: layer sizes of the prediction head h (eq. 7) before the output unit.
       dropout: dropout rate in g and h.
-      use_domain_attention: False replaces the domain-level step (eq. 3) by masked mean pooling.
-      use_item_attention: False drops the item-level step (eq. 4); the sequence is mean pooled.
+      use_domain_attention: False drops the domain-level step (eq. 3).
+      use_item_attention: False drops the item-level step (eq. 4).
     """
 
     inputs: InputConfig = dataclasses.field(default_factory=InputConfig)
@@ -49,6 +59,8 @@ class DACDRConfig:
     num_heads: int = 2
     num_domain_tokens: int = 2
     num_item_tokens: int = 2
+    query: str = "target"
+    history_scope: str = "all"
     source_sequence: str = "mixed"
     encoder_units: tuple = (32, 16)
     hidden_units: tuple = (64, 32)
@@ -116,61 +128,76 @@ def _one_hot_select(values, domain, num_domains):
     return ops.einsum("bd,bdk->bk", one_hot, values)  # (B, k)
 
 
+SEQUENCES = ("sequence", "side")  # the two z of eq. 3-4: behaviours and their side info
+
+
 @register("dacdr", DACDRConfig)
 @keras.saving.register_keras_serializable(package="xdctr")
 class DACDR(CTRModel):
     """DACDR (Luo et al., "Domain-Aware Cross-Attention for Cross-Domain Recommendation").
 
-    For a row with target item v in target domain t, with k = `embedding_dim`:
+    For a row with target item v in target domain t, with k = `embedding_dim`, the two-step
+    domain-aware cross-attention (eq. 1-4) runs separately (own weights) on z = seq, the
+    behaviour sequence X (history item embeddings), and on z = side, its side-info sequence
+    (embedding of each entry's domain + embedding of its HISTORY_TIME_GAPS bucket). With
+    `query="target"` (default), the paper's text ("the first step involves a coarse-grained
+    allocation of attention to the source domain's behavior sequence using the features of the
+    target domain, and the second step refines the attention allocation by using the target
+    domain item embeddings with the output of the first step"):
 
-      Two-step domain-aware cross-attention (eq. 1-4), applied separately (own weights) to
-      z = seq, the source-domain behaviour sequence X (history item embeddings), and to
-      z = side, its side-info sequence (embedding of each entry's domain + embedding of its
-      HISTORY_TIME_GAPS bucket):
-        e_1 = Domain-Level CA(X W_1^Q, E_t W_1^K, E_t W_1^V)     (eq. 3), (B, L, k)
-        e_2 = Item-Level CA(e_1 W_2^Q, E_v W_2^K, E_v W_2^V)     (eq. 4), (B, L, k)
-        e_z = masked mean over the source steps of e_2                     (B, k)
+      Domain level (eq. 3): the target domain's features E_t (M tokens, below) are the queries,
+        the sequence the keys; each head's allocation over the steps l is the mean over the
+        queries of softmax_l(E_t W_1^Q (z_l W_1^K)^T / sqrt(k/H))          a_1: (B, H, Ls)
+      Item level (eq. 4): the target item is the query; its attention over the same steps
+        refines a_1:  a_2 ∝ a_1 * softmax_l(e_v W_2^Q (z_l W_2^K)^T / sqrt(k/H)), and
+        e_z = concat_h(sum_l a_2 z_l W_2^V) W_2^O                          (B, k)
+      so every history entry is weighted by its relevance to the candidate (item level) within
+      the domain-level allocation; e_z in R^k as the paper states, with no pooling step.
       Domain encoder (eq. 6):  u^ = g(concat[e_seq, e_side, e_t])
       Prediction (eq. 7):      y^ = sigmoid(h(concat[u^, e_user, e_seq, e_side, e_v, e_t]))
       trained end to end with the BCE of eq. 8 (the compiled loss; no auxiliary losses).
 
+    `query="sequence"` reads eq. 3-4's symbols literally instead: Q from the sequence, K and V
+    from E_t (step 1) and from E_v = [e_v, e_t, `num_item_tokens` learned item-side tokens]
+    (step 2), each residual (out = X + CA(...) W^O, CrossViT); e_z is the masked mean of the
+    item-level output over the steps. There a single key per step would make the softmax
+    constant, hence the extra tokens; the candidate only enters through the mixture of the key
+    values, never as a weight on the history (the form this model had before; kept for
+    comparison).
+
     Choices where the paper is vague:
-    - Keys of the domain-level step. A single key e_t makes softmax attention constant, so the
-      target domain's features E_t are M = num_domain_tokens + 3 tokens: (1) the domain
-      embedding e_t; (2) `num_domain_tokens` learnable tokens of domain t; (3) a statistics
-      token Dense([log1p(n_t), log1p(n_other), log1p(n_total)]), n_t / n_other the user's
-      per-domain history lengths (DOMAIN_HISTORY_MASK counts, capped at Ld) in t / in the other
-      domains, n_total = TARGET_DOMAIN_CLICKS + OTHER_DOMAIN_CLICKS; (4) the masked mean of
-      the user's target-domain history (DOMAIN_HISTORY_ITEM_IDS row t), masked out as a key
-      when that row is empty. TARGET_DOMAIN_CLICKS and OTHER_DOMAIN_CLICKS are not used one by
-      one: they count relative to the example's own domain, which `score_candidates` ignores
-      (its candidates may be in any domain); their sum is the same for every domain.
-    - Keys of the item-level step. A single key e_v is degenerate too, so E_v holds e_v, the
-      candidate's domain embedding e_t and `num_item_tokens` learnable item-side tokens shared
-      by all items (so a history step can put its weight elsewhere than on e_v).
-    - Cross-attention (eq. 1-2) is multi-head and residual, out = X + CA(...) W^O, as in
-      CrossViT (the paper's ref. [12]); without the residual the output would be a mixture of
-      the key values only and would lose which item the query was. Eq. 3-4 have the queries
-      from the sequence, so each step keeps the sequence length; e_z in R^k is the masked
-      mean of the item-level output over the source-domain steps.
-    - Source-domain behaviour sequence (`source_sequence`): "mixed" (default) is the mixed
-      history masked to the entries whose domain is not t; "per_domain" is the per-domain
-      histories of the domains other than t, flattened to (B, D * Ld). The side-info sequence
-      always comes from the mixed history (the only one with time gaps), masked the same way.
-      A domain's source domains are all the other D - 1 domains, for any D >= 2.
+    - Target-domain features E_t (queries of step 1, or keys with `query="sequence"`):
+      M = num_domain_tokens + 3 tokens: (1) the domain embedding e_t; (2) `num_domain_tokens`
+      learnable tokens of domain t; (3) a statistics token
+      Dense([log1p(n_t), log1p(n_other), log1p(n_total)]), n_t / n_other the user's per-domain
+      history lengths (DOMAIN_HISTORY_MASK counts, capped at Ld) in t / in the other domains,
+      n_total = TARGET_DOMAIN_CLICKS + OTHER_DOMAIN_CLICKS; (4) the masked mean of the user's
+      target-domain history (DOMAIN_HISTORY_ITEM_IDS row t), left out when that row is empty.
+      TARGET_DOMAIN_CLICKS and OTHER_DOMAIN_CLICKS are not used one by one: they count relative
+      to the example's own domain, which `score_candidates` ignores (its candidates may be in
+      any domain); their sum is the same for every domain.
+    - Which behaviours are attended (`history_scope`): the paper's X is "the behavior sequence
+      of user u_i", in its cold-start setting only source-domain clicks. "all" (default) keeps
+      the target-domain entries too, so the domain-level step decides how much each domain's
+      entries count and a user without other-domain clicks is still scored from their
+      target-domain history; "source" masks the entries whose domain is t (a user without
+      other-domain clicks then gets e_z = 0). The side-info sequence always comes from the mixed
+      history (the only one with time gaps), masked the same way. For any D >= 2.
     - Item embeddings: separate tables for history items (e^s_v) and target items (e^t_v), as the
       paper's notation separates them; fine-tuning then trains only the target table. e_user
       (USER_ID embedding) enters h as the paper's "user-side auxiliary features fed into the
       final FC layers" (sec. 3.3). e_t embeds both the target domain and, in the side-info
       sequence, each history entry's domain.
-    - Ablations (paper Table 2): without domain-level attention, e_1 is the masked mean of the
-      sequence, one step (B, 1, k), which the item-level step then refines; without item-level
-      attention, e_z is the masked mean of e_1; with neither, e_z is the masked mean of the
-      sequence. Weights of a disabled step are not created.
-    - Split for `score_candidates`: `encode_context` embeds the sequences, projects the history
-      queries of the domain-level step (X W_1^Q), and computes the per-domain history means and
-      counts; `score` picks the candidate domain's keys, masks the sequences to the candidate's
-      source domains and runs the attention, since candidates may be in different domains.
+    - The domain-level step contributes its allocation, not values (step 2 reads the values), so
+      it has W_1^Q and W_1^K only (`layers.AttentionAllocation`).
+    - Ablations (paper Table 2), `query="target"`: without domain-level attention a_1 is uniform
+      over the real steps; without item-level attention e_z = mean_h sum_l a_1 z_l; with neither,
+      e_z is the masked mean of the sequence. `query="sequence"`: without domain-level
+      attention e_1 is the masked mean of the sequence, one step (B, 1, k); without item-level
+      attention e_z is the masked mean of e_1. Weights of a disabled step are not created.
+    - Split for `score_candidates`: `encode_context` embeds the sequences and projects their
+      keys and values (the candidate-independent side); `score` builds the candidate domain's
+      E_t and the candidate's query and attends, since candidates may be in different domains.
 
     Fine-tuning and new domains (sec. 3.5): the domain embeddings and domain tokens are separate
     variables per domain (`PerDomainVariables`); see `finetune_variables` and `expand_domains`.
@@ -185,6 +212,7 @@ class DACDR(CTRModel):
         _validate(config)
         self.config = config
         k, num_domains = config.embedding_dim, config.inputs.num_domains
+        target_queries = config.query == "target"
         self.user_embedding = keras.layers.Embedding(config.inputs.user_buckets, k, name="user_embedding")
         self.history_item_embedding = keras.layers.Embedding(config.inputs.item_buckets, k, name="history_item_embedding")
         self.target_item_embedding = keras.layers.Embedding(config.inputs.item_buckets, k, name="target_item_embedding")
@@ -197,15 +225,18 @@ class DACDR(CTRModel):
             if config.num_domain_tokens:
                 self.domain_tokens = PerDomainVariables(num_domains, config.num_domain_tokens, k, name="domain_tokens")
             self.statistics = keras.layers.Dense(k, name="domain_statistics")
-            self.seq_domain_attention = CrossAttention(config.num_heads, key_dim, name="seq_domain_attention")
-            self.side_domain_attention = CrossAttention(config.num_heads, key_dim, name="side_domain_attention")
+            step = AttentionAllocation if target_queries else CrossAttention
+            self.seq_domain_attention = step(config.num_heads, key_dim, name="seq_domain_attention")
+            self.side_domain_attention = step(config.num_heads, key_dim, name="side_domain_attention")
         self.item_tokens = self.seq_item_attention = self.side_item_attention = None
         if config.use_item_attention:
-            if config.num_item_tokens:
+            if config.num_item_tokens and not target_queries:
                 self.item_tokens = keras.layers.Embedding(config.num_item_tokens, k, name="item_tokens")
-            self.seq_item_attention = CrossAttention(config.num_heads, key_dim, name="seq_item_attention")
-            self.side_item_attention = CrossAttention(config.num_heads, key_dim, name="side_item_attention")
-        with keras.name_scope(self.name):  # built here, as `encode_context` projects queries before any call
+            residual = not target_queries
+            self.seq_item_attention = CrossAttention(config.num_heads, key_dim, residual, name="seq_item_attention")
+            self.side_item_attention = CrossAttention(config.num_heads, key_dim, residual, name="side_item_attention")
+        with keras.name_scope(self.name):  # built here, as `encode_context` projects before any call
+            self.pooling.build((None, None, k))  # no weights; not every configuration calls it
             for attention in self.attention_layers():
                 attention.build((None, None, k), (None, None, k))
         self.domain_encoder = layers.MLP(config.encoder_units, dropout=config.dropout, name="domain_encoder")
@@ -213,7 +244,7 @@ class DACDR(CTRModel):
         self.logit = keras.layers.Dense(1, name="logit")
 
     def attention_layers(self) -> list:
-        """The cross-attention layers (their W^Q, W^K, W^V, W^O)."""
+        """The cross-attention layers (their W^Q, W^K and, where they have them, W^V, W^O)."""
         candidates = [self.seq_domain_attention, self.side_domain_attention, self.seq_item_attention,
                       self.side_item_attention]
         return [layer for layer in candidates if layer is not None]
@@ -221,6 +252,11 @@ class DACDR(CTRModel):
     def per_domain_layers(self) -> list:
         """Layers holding one variable per domain (`PerDomainVariables`)."""
         return [self.domain_embedding] + ([self.domain_tokens] if self.domain_tokens is not None else [])
+
+    def _steps(self, name):
+        """(domain-level, item-level) attention layers of sequence `name` ("sequence" or "side")."""
+        prefix = "seq" if name == "sequence" else "side"
+        return getattr(self, f"{prefix}_domain_attention"), getattr(self, f"{prefix}_item_attention")
 
     def encode_context(self, inputs, training=False):
         config = self.config
@@ -251,15 +287,22 @@ class DACDR(CTRModel):
             means = (ops.sum(domain_items * ops.expand_dims(weights, -1), axis=2)
                      / ops.expand_dims(ops.maximum(counts, 1.0), -1))  # (B, D, k)
             total = ops.cast(inputs[F.TARGET_DOMAIN_CLICKS] + inputs[F.OTHER_DOMAIN_CLICKS], sequence.dtype)  # (B,)
-            context.update(
-                domain_history=means, domain_history_counts=counts, total_clicks=total,
-                sequence_query=self.seq_domain_attention.project_query(sequence),  # (B, Ls, H, k/H)
-                side_query=self.side_domain_attention.project_query(side),  # (B, L, H, k/H)
-            )
+            context.update(domain_history=means, domain_history_counts=counts, total_clicks=total)
+        for name in SEQUENCES:  # the candidate-independent projections
+            domain_step, item_step = self._steps(name)
+            if config.query == "sequence":
+                if domain_step is not None:
+                    context[f"{name}_query"] = domain_step.project_query(context[name])  # (B, Ls, H, k/H)
+                continue
+            if domain_step is not None:
+                context[f"{name}_domain_keys"] = domain_step.project_context(context[name])  # (B, Ls, H, k/H)
+            if item_step is not None:
+                keys, values = item_step.project_context(context[name])  # (B, Ls, H, k/H) each
+                context.update({f"{name}_item_keys": keys, f"{name}_item_values": values})
         return context
 
-    def _domain_keys(self, context, domain, e_d):
-        """E_t of eq. 3: (B, M, k) tokens of each row's target domain and their (B, M) mask."""
+    def _domain_features(self, context, domain, e_d):
+        """E_t: (B, M, k) tokens of each row's target domain and their (B, M) mask."""
         num_domains = self.config.inputs.num_domains
         counts = context["domain_history_counts"]  # (B, D)
         own = _one_hot_select(counts, domain, num_domains)  # (B,)
@@ -275,39 +318,101 @@ class DACDR(CTRModel):
         return tokens, mask
 
     def _item_keys(self, e_v, e_d):
-        """E_v of eq. 4: (B, 2 + num_item_tokens, k) = [e_v, e_t, learned item-side tokens]."""
+        """E_v of eq. 4 (`query="sequence"`): (B, 2 + num_item_tokens, k) = [e_v, e_t, learned item-side tokens]."""
         tokens = [ops.expand_dims(e_v, 1), ops.expand_dims(e_d, 1)]
         if self.item_tokens is not None:
             learned = self.item_tokens(ops.arange(self.config.num_item_tokens, dtype="int32"))  # (T2, k)
             tokens.append(ops.zeros_like(e_v)[:, None, :] + learned[None])  # (B, T2, k)
         return ops.concatenate(tokens, axis=1)
 
-    def _two_step(self, values, query, mask, domain_keys, domain_mask, item_keys, domain_attention, item_attention):
-        """Eq. 3-4 on one sequence (B, Ls, k) with its (B, Ls) source mask -> e_z (B, k)."""
+    def _masks(self, context, domain):
+        """The attended steps of each sequence: {name: (B, Ls) bool}, per `history_scope`."""
+        masks = {}
+        for name in SEQUENCES:
+            mask = context[f"{name}_mask"]
+            if self.config.history_scope == "source":
+                target = ops.expand_dims(ops.cast(domain, context[f"{name}_domains"].dtype), 1)  # (B, 1)
+                mask = ops.logical_and(mask, context[f"{name}_domains"] != target)
+            masks[name] = mask
+        return masks
+
+    def _domain_allocation(self, context, name, mask, features, feature_mask):
+        """a_1 of sequence `name`: (B, H, Ls), or None without the domain-level step."""
+        domain_step, _ = self._steps(name)
+        if domain_step is None:
+            return None
+        return domain_step(features, context[name], mask, query_mask=feature_mask,
+                           projected_context=context[f"{name}_domain_keys"])
+
+    def history_weights(self, context, item, domain):
+        """The final allocation a_2 over each sequence's steps (`query="target"`): {name: (B, H, Ls)}.
+
+        Sums to 1 over the attended steps of each head, 0 elsewhere (all 0 when none is attended).
+        Without the item-level step it is a_1 (uniform when both steps are off).
+        """
+        if self.config.query != "target":
+            raise ValueError(f"`history_weights` needs query='target'. Received: query={self.config.query!r}")
+        e_d = ops.squeeze(self.domain_embedding(domain), axis=1)  # (B, k)
+        e_v = self.target_item_embedding(item)  # (B, k)
+        features = feature_mask = None
         if self.config.use_domain_attention:
-            e_1 = domain_attention(values, domain_keys, domain_mask, projected_query=query)  # (B, Ls, k)
+            features, feature_mask = self._domain_features(context, domain, e_d)
+        heads = self.config.num_heads
+        result = {}
+        for name, mask in self._masks(context, domain).items():
+            prior = self._domain_allocation(context, name, mask, features, feature_mask)
+            _, item_step = self._steps(name)
+            if item_step is not None:
+                result[name] = item_step.attention_weights(ops.expand_dims(e_v, 1), context[f"{name}_item_keys"], mask,
+                                                           prior=prior)[:, :, 0]  # (B, H, Ls)
+            elif prior is not None:
+                result[name] = prior
+            else:
+                uniform = ops.cast(mask, context[name].dtype)  # (B, Ls)
+                uniform = uniform / ops.maximum(ops.sum(uniform, axis=1, keepdims=True), 1.0)
+                result[name] = ops.repeat(ops.expand_dims(uniform, 1), heads, axis=1)  # (B, H, Ls)
+        return result
+
+    def _attend_target(self, context, name, mask, features, feature_mask, e_v):
+        """Eq. 3-4 with target-side queries on sequence `name` -> e_z (B, k)."""
+        values = context[name]  # (B, Ls, k)
+        prior = self._domain_allocation(context, name, mask, features, feature_mask)  # (B, H, Ls) or None
+        _, item_step = self._steps(name)
+        if item_step is not None:
+            projected = (context[f"{name}_item_keys"], context[f"{name}_item_values"])
+            return item_step(ops.expand_dims(e_v, 1), values, mask, projected_context=projected, prior=prior)[:, 0]
+        if prior is not None:
+            return ops.einsum("bhl,blk->bk", prior, values) / float(self.config.num_heads)  # (B, k)
+        return self.pooling(values, mask)  # (B, k)
+
+    def _attend_sequence(self, context, name, mask, domain_keys, domain_mask, item_keys):
+        """Eq. 3-4 with sequence queries (`query="sequence"`) on sequence `name` -> e_z (B, k)."""
+        values = context[name]  # (B, Ls, k)
+        domain_step, item_step = self._steps(name)
+        if domain_step is not None:
+            e_1 = domain_step(values, domain_keys, domain_mask, projected_query=context[f"{name}_query"])  # (B, Ls, k)
             e_1_mask = mask
         else:
             e_1 = ops.expand_dims(self.pooling(values, mask), 1)  # (B, 1, k)
             e_1_mask = ops.any(mask, axis=1, keepdims=True)  # (B, 1)
-        e_2 = item_attention(e_1, item_keys) if self.config.use_item_attention else e_1  # (B, Ls or 1, k)
+        e_2 = item_step(e_1, item_keys) if item_step is not None else e_1  # (B, Ls or 1, k)
         return self.pooling(e_2, e_1_mask)  # (B, k)
 
     def score(self, context, item, domain, training=False):
+        config = self.config
         e_d = ops.squeeze(self.domain_embedding(domain), axis=1)  # (B, k)
         e_v = self.target_item_embedding(item)  # (B, k)
-        target = ops.expand_dims(ops.cast(domain, context["sequence_domains"].dtype), 1)  # (B, 1)
-        sequence_mask = ops.logical_and(context["sequence_mask"], context["sequence_domains"] != target)  # (B, Ls)
-        side_mask = ops.logical_and(context["side_mask"], context["side_domains"] != target)  # (B, L)
-        domain_keys = domain_mask = item_keys = None
-        if self.config.use_domain_attention:
-            domain_keys, domain_mask = self._domain_keys(context, domain, e_d)
-        if self.config.use_item_attention:
-            item_keys = self._item_keys(e_v, e_d)
-        e_seq = self._two_step(context["sequence"], context.get("sequence_query"), sequence_mask, domain_keys,
-                               domain_mask, item_keys, self.seq_domain_attention, self.seq_item_attention)  # (B, k)
-        e_side = self._two_step(context["side"], context.get("side_query"), side_mask, domain_keys,
-                                domain_mask, item_keys, self.side_domain_attention, self.side_item_attention)  # (B, k)
+        masks = self._masks(context, domain)
+        features = feature_mask = None
+        if config.use_domain_attention:
+            features, feature_mask = self._domain_features(context, domain, e_d)  # (B, M, k), (B, M)
+        if config.query == "target":
+            e_z = [self._attend_target(context, name, masks[name], features, feature_mask, e_v) for name in SEQUENCES]
+        else:
+            item_keys = self._item_keys(e_v, e_d) if config.use_item_attention else None
+            e_z = [self._attend_sequence(context, name, masks[name], features, feature_mask, item_keys)
+                   for name in SEQUENCES]
+        e_seq, e_side = e_z  # (B, k) each
         user = self.domain_encoder(ops.concatenate([e_seq, e_side, e_d], axis=-1), training=training)  # (B, u)  eq. 6
         features = ops.concatenate([user, context["user"], e_seq, e_side, e_v, e_d], axis=-1)  # eq. 7
         return ops.squeeze(self.logit(self.head(features, training=training)), axis=-1)  # (B,)
@@ -327,6 +432,8 @@ def _validate(config: DACDRConfig) -> None:
         ("num_domain_tokens", config.num_domain_tokens >= 0, "must be >= 0"),
         ("num_item_tokens", config.num_item_tokens >= 0, "must be >= 0"),
         ("source_sequence", config.source_sequence in SOURCE_SEQUENCES, f"must be one of {SOURCE_SEQUENCES}"),
+        ("query", config.query in QUERIES, f"must be one of {QUERIES}"),
+        ("history_scope", config.history_scope in HISTORY_SCOPES, f"must be one of {HISTORY_SCOPES}"),
         ("inputs.domains", config.inputs.num_domains >= 2, "must hold at least 2 domains (a target and a source)"),
     ]
     for name, ok, rule in checks:
@@ -349,9 +456,10 @@ def finetune_variables(model: DACDR, new_domain_index: int) -> list:
     Left trainable: domain `new_domain_index`'s variables in every `PerDomainVariables` layer
     (its embedding e_t and its domain tokens), the whole target item embedding table e^t_v
     (Keras freezes whole variables; rows of items never seen in fine-tuning get no gradient) and
-    every cross-attention layer's W^Q, W^K, W^V, W^O. Everything else (user and history item
-    embeddings, time-gap embeddings, the other domains' variables, the statistics projection,
-    the learnable item-side tokens, g and h) gets `trainable = False`.
+    every cross-attention layer's W^Q, W^K, W^V, W^O (with `query="target"` the domain-level
+    step has W^Q and W^K only). Everything else (user and history item embeddings, time-gap
+    embeddings, the other domains' variables, the statistics projection, the learnable
+    item-side tokens, g and h) gets `trainable = False`.
 
     Builds the model if needed and changes it in place; compile it afterwards, since a compiled
     train step keeps the variable list it was traced with. Returns the trainable variables.

@@ -52,7 +52,9 @@ class RecGURUConfig:
         or "attention" (the multi-head cross-attention layer as the paper draws it).
       softmax_negatives: sampled negatives of the reconstruction softmax (supplement 6.1.3:
         neg_softmax = 20 or 10); 0 is the full softmax over item_buckets.
-      negative_sampler: "uniform" or "log_uniform" proposal of the sampled softmax.
+      negative_sampler: proposal of the sampled softmax: "in_batch" (default: the domain's real
+        clicks in the batch, with their in-batch frequency as Q), "uniform" or "log_uniform"
+        (over every hash bucket of the domain's table, most of which no item hashes to).
       objective: the recommender phase's loss: "bce" (the compiled CTR log loss on impressions),
         "bpr" (eq. 12 on clicked rows only) or "bce+bpr" (their sum).
       bpr_negatives: |N_s| of eq. 12, random items of the target domain per step.
@@ -69,7 +71,8 @@ class RecGURUConfig:
       use_alignment: False drops the overlap alignment (eq. 9).
       autoencoder_share, adversarial_share, recommender_share: shares of the training steps of
         Algorithm 1's three phases; a phase with share 0 is skipped (the recommender's must be
-        positive).
+        positive). Defaults 0.1 / 0.2 / 0.7: the served recommender gets most of the budget, the
+        GURU phases are its warm-up.
     """
 
     inputs: InputConfig = dataclasses.field(default_factory=InputConfig)
@@ -81,7 +84,7 @@ class RecGURUConfig:
     gur_source: str = "all_domains"
     decoder_memory: str = "projection"
     softmax_negatives: int = 20
-    negative_sampler: str = "uniform"
+    negative_sampler: str = "in_batch"
     objective: str = "bce"
     bpr_negatives: int = 20
     critic_hidden_units: tuple = (64, 64, 64)
@@ -95,9 +98,9 @@ class RecGURUConfig:
     alignment_weight: float = 1.0
     use_adversarial: bool = True
     use_alignment: bool = True
-    autoencoder_share: float = 0.2
-    adversarial_share: float = 0.3
-    recommender_share: float = 0.5
+    autoencoder_share: float = 0.1
+    adversarial_share: float = 0.2
+    recommender_share: float = 0.7
 
 
 def _validate(config: RecGURUConfig) -> None:
@@ -207,8 +210,12 @@ class RecGURU(CTRModel):
       the previous click (a learned per-domain [bos] token before the first one) plus P^d[t],
       cross-attends to h^d, and predicts click t. L_rec is the softmax cross-entropy over the
       domain's item table, tied to I^d (logits e_v . decoder output), sampled with
-      `softmax_negatives` uniform negatives and logQ correction (supplement 6.1.3, see
-      `layers.SampledSoftmaxLoss`). It is averaged over the real clicks of all domains in the batch
+      `softmax_negatives` negatives and logQ correction (supplement 6.1.3, see
+      `layers.SampledSoftmaxLoss`). The negatives of domain d are drawn from the batch's real
+      domain-d clicks (`negative_sampler="in_batch"`), Q their in-batch frequency: the model
+      cannot know up front which of the item_buckets rows hold real items, and with hashed ids
+      most rows hold none, so uniform negatives over the table are mostly empty rows that any
+      decoder output can tell from the true item without reading h^d. It is averaged over the real clicks of all domains in the batch
       (the paper's eq. 5 sums over positions; the mean keeps the loss scale independent of Ld and
       D).
     - Domain critic (eq. 8, 13), WGAN-GP as the paper's implementation (sec. 4.2): for D >= 2 an
@@ -277,8 +284,12 @@ class RecGURU(CTRModel):
     Other choices where the paper is vague:
     - Hyper-parameters default small for CPU training: d = 32, one block, two heads, FFN width d
       (the paper: 64, 3-6 blocks, FFN 512).
-    - The hashed item ids carry no frequency order, so the sampled softmax proposal defaults to
-      uniform (log-uniform assumes ids sorted by frequency).
+    - The hashed item ids carry no frequency order (log-uniform assumes ids sorted by frequency)
+      and most hash buckets are empty, so the sampled softmax proposal defaults to in-batch
+      negatives (see the reconstruction loss above).
+    - Step budget: the paper trains the phases to convergence each; under one step budget the
+      served recommender phase gets 70% of the steps by default and the GURU phases 10% + 20%
+      as its warm-up (it had half before).
     - Critic hidden activation: leaky ReLU. GP lines run between a domain-k representation and a
       random other domain's representation of another row (see `layers.critic`).
     - The supplement's separate Adams per phase (pre-training 1.0 with a schedule, fine-tuning

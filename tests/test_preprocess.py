@@ -141,3 +141,48 @@ def test_unknown_target_domain_is_an_invalid_argument():
     in_graph = tf.function(lambda s: preprocess.to_model_inputs(preprocess.parse(s, CONFIG), CONFIG))
     with pytest.raises(tf.errors.InvalidArgumentError, match="unknown target domain"):
         in_graph(serialized)
+
+
+# --- item hashing: sizing and collisions -------------------------------------------------------
+
+
+def test_distinct_item_ids_of_targets_and_histories(tmp_path):
+    path = str(tmp_path / "part.gz")
+    events = EVENTS + [Impression(T + 9 * MINUTE, "v", "B", "b7", 0)]
+    with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+        for serialized in _serialized(events):
+            writer.write(serialized)
+    ids = preprocess.distinct_item_ids([path], preprocess.contract_of(CONFIG), batch_size=2)
+    assert ids.tolist() == sorted({e.item_id.encode() for e in events})  # no padding id
+
+
+def test_auto_item_buckets_is_the_next_power_of_two_above_factor_times_items():
+    # n = 4, factor 2: 8 real buckets + the padding row -> 16; n = 3: 6 + 1 -> 8; n = 0 -> the minimum 4.
+    assert [preprocess.auto_item_buckets(n, 2) for n in (4, 3, 0)] == [16, 8, 4]
+    assert preprocess.auto_item_buckets(25_836, 8) == 1 << 18  # food-kitchen's train items
+    with pytest.raises(ValueError, match="factor=0"):
+        preprocess.auto_item_buckets(10, 0)
+
+
+def test_hashing_stats_by_hand():
+    ids = [b"x", b"y", b"z"]
+    # 2 buckets = padding + one real bucket: all 3 items in it; 2 of 3 merged away.
+    assert preprocess.hashing_stats(ids, 2) == {
+        "distinct_items": 3, "item_buckets": 2, "occupied_buckets": 1, "colliding_item_fraction": 1.0,
+        "merged_item_fraction": pytest.approx(2 / 3), "merged_bucket_fraction": 1.0}
+    # Many buckets: these three land apart.
+    assert len(set(preprocess.hash_ids(tf.constant(ids), 1 << 20).numpy().tolist())) == 3
+    stats = preprocess.hashing_stats(ids, 1 << 20)
+    assert (stats["occupied_buckets"], stats["colliding_item_fraction"], stats["merged_bucket_fraction"]) == (3, 0.0, 0.0)
+    # Two of four items sharing a bucket: find a pair that collides in 5 buckets (4 real).
+    pool = [f"i{k}".encode() for k in range(6)]
+    index = preprocess.hash_ids(tf.constant(pool), 5).numpy().tolist()
+    pair = next((a, b) for a in range(6) for b in range(a + 1, 6) if index[a] == index[b])
+    others = [k for k in range(6) if index[k] != index[pair[0]]]
+    singles = [others[0]] + [k for k in others[1:] if index[k] != index[others[0]]][:1]
+    chosen = [pool[k] for k in (*pair, *singles)]  # 4 items, 3 buckets: one pair, two alone
+    stats = preprocess.hashing_stats(chosen, 5)
+    assert (stats["distinct_items"], stats["occupied_buckets"]) == (4, 3)
+    assert stats["colliding_item_fraction"] == pytest.approx(2 / 4)
+    assert stats["merged_item_fraction"] == pytest.approx(1 / 4)
+    assert stats["merged_bucket_fraction"] == pytest.approx(1 / 3)

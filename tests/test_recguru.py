@@ -196,6 +196,27 @@ def test_samplers_draw_real_classes():
         SampledSoftmaxLoss(4, first_class=3)
 
 
+def test_in_batch_sampler_draws_the_calls_real_classes_with_log_q_by_hand():
+    # Labels [[1, 1, 2, 3]] with the last position padded: the real classes are 1 (twice) and 2, so
+    # Q(1) = 2/3, Q(2) = 1/3, and class 3 (padding) is never drawn.
+    keras.utils.set_random_seed(0)
+    layer = SampledSoftmaxLoss(num_classes=4, num_sampled=200, sampler="in_batch")
+    labels, mask = np.array([[1, 1, 2, 3]]), np.array([[True, True, True, False]])
+    draws = _np(layer.sample(labels, mask))
+    assert set(draws.tolist()) == {1, 2} and abs(np.mean(draws == 1) - 2 / 3) < 0.1
+    np.testing.assert_allclose(_np(layer.log_q(np.array([1, 2]), labels, mask)), np.log([2 / 3, 1 / 3]), rtol=1e-6)
+    # h = [1, 0] at every position; y = 1 against the given negative 2:
+    # logits [1 - log(2/3); 0 - log(1/3)] -> CE = log(e^z0 + e^z1) - z0. y = 2 against 2 is a hit: CE = 0.
+    hidden = np.array([[[1.0, 0.0]] * 4], "float32")  # (1, 4, 2)
+    z = [1.0 - math.log(2 / 3), 0.0 - math.log(1 / 3)]
+    expected = math.log(math.exp(z[0]) + math.exp(z[1])) - z[0]
+    out = _np(layer(hidden, labels, mask, table=TABLE, sampled=np.array([2])))
+    np.testing.assert_allclose(out, [[expected, expected, 0.0, 0.0]], rtol=1e-6)
+    assert np.all(np.isfinite(_np(layer(hidden, labels, mask, table=TABLE))))
+    with pytest.raises(ValueError, match="needs the call's `labels`"):
+        layer.sample()
+
+
 def test_domain_critic_by_hand():
     # Ones kernels, zero biases, one hidden unit: f_k(x) = leaky_relu(sum x) for every head k
     # (slope 0.2 below 0): [1, 2] -> [3, 3]; [-1, -2] -> [-0.6, -0.6].
@@ -391,6 +412,27 @@ def test_config_round_trip_and_bad_values(tmp_path):
 # ---------------------------------------------------------------- model behaviour
 
 
+def test_reconstruction_negatives_are_real_items_of_the_domain():
+    # Domain histories over a 1000-bucket table: each domain's few real items. Every negative the
+    # default sampler draws for domain d is one of domain d's clicks in the batch.
+    keras.utils.set_random_seed(0)
+    config = _config(softmax_negatives=20, inputs={"domains": ["a", "b"], "history_length": HISTORY,
+                                                   "domain_history_length": DOMAIN_HISTORY, "item_buckets": 1000,
+                                                   "user_buckets": BUCKETS})
+    assert config.negative_sampler == "in_batch"
+    model = models.build("recguru", config)
+    ids = np.array([[[0, 11, 12], [0, 0, 501]], [[13, 11, 11], [0, 502, 503]]], "int32")  # (B, D, Ld)
+    mask = ids > 0
+    for d, real in ((0, {11, 12, 13}), (1, {501, 502, 503})):
+        draws = _np(model.reconstruction_softmax.sample(ids[:, d], mask[:, d]))
+        assert draws.shape == (20,) and set(draws.tolist()) <= real
+
+
+def test_the_served_phase_gets_most_of_the_steps():
+    model, _ = _model()
+    assert task.phase_steps(model.training_phases(), 100) == [10, 20, 70]
+
+
 def _padded_inputs(config, batch=2):
     d = config.inputs.num_domains
     return {
@@ -542,7 +584,9 @@ def test_adversarial_step_alternates_critic_and_encoder():
 
 
 def test_phases_run_in_order_through_the_trainer_and_each_optimises_its_part(caplog):
-    model, config = _model(critic_iters=2, softmax_negatives=20)  # the sampled softmax
+    # The sampled softmax; shares 0.2 / 0.3 / 0.5 so that 10 steps give every phase several.
+    model, config = _model(critic_iters=2, softmax_negatives=20, autoencoder_share=0.2, adversarial_share=0.3,
+                           recommender_share=0.5)
     rows = _rows()
     inputs, labels = _inputs(rows, config), _labels(rows)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss={F.SERVING_OUTPUT: BCE},

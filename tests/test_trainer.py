@@ -1,6 +1,7 @@
 """Every registered model trains through the Trainer's code path and exports both signatures."""
 
 import json
+import logging
 import os
 
 import keras
@@ -62,13 +63,21 @@ def test_model_trains_and_exports(examples, tmp_path, name):
     assert model.count_params() > 0
 
 
-def test_training_options_early_stopping_mixed_precision_and_holdout(examples, tmp_path):
+def test_training_options_early_stopping_mixed_precision_and_holdout(examples, tmp_path, caplog):
     contract = beam_pipeline.read_contract(examples)
     training = task.TrainingConfig(batch_size=16, epochs=4, early_stopping_patience=1, mixed_precision=True,
                                    jit_compile=False, validation_fraction=0.3, learning_rate=0.5)
-    model = task.train_and_export("mean_pool_dnn", SMALL_INPUTS, contract, _files(examples, F.TRAIN_SPLIT),
-                                  serving_model_dir=str(tmp_path / "m"), log_dir=str(tmp_path / "logs"), train_steps=40,
-                                  validation_steps=2, training=training)
+    with caplog.at_level(logging.WARNING):
+        model = task.train_and_export("mean_pool_dnn", SMALL_INPUTS, contract, _files(examples, F.TRAIN_SPLIT),
+                                      serving_model_dir=str(tmp_path / "m"), log_dir=str(tmp_path / "logs"),
+                                      train_steps=40, validation_steps=2, training=training)
+    # The explicit 256 buckets are kept; the collisions they cause are written next to the model and
+    # warned about (~60 items in 255 real buckets: 1 - exp(-60/255) ~ 21% share a bucket).
+    hashing = json.loads(open(str(tmp_path / "m" / task.ITEM_HASHING_FILE)).read())
+    ids = preprocess.distinct_item_ids(_files(examples, F.TRAIN_SPLIT), contract)
+    assert hashing == preprocess.hashing_stats(ids, 256)
+    assert hashing["colliding_item_fraction"] > task.COLLISION_WARNING
+    assert "share one of the 256 buckets" in caplog.text and "item_buckets=auto" in caplog.text
     history = model.history.history
     # A huge learning rate overfits at once: validation loss stops improving, so training stops
     # before the 4th epoch; the policy is back to float32 afterwards.
@@ -90,6 +99,23 @@ def test_validation_holdout_is_disjoint_and_deterministic(examples):
     assert count(train) + count(validation) == count(everything)
     assert 0.1 < count(validation) / count(everything) < 0.3
     assert rows("validation") == validation
+
+
+def test_item_buckets_are_sized_from_the_train_split_unless_given(examples):
+    contract = beam_pipeline.read_contract(examples)
+    files = _files(examples, F.TRAIN_SPLIT)
+    distinct = len(preprocess.distinct_item_ids(files, contract))
+    assert 40 < distinct < 70  # 2 domains x 30 items, most of them clicked before the eval cutoff
+    auto = preprocess.auto_item_buckets(distinct, task.ITEM_BUCKET_FACTOR)
+    assert auto >= task.ITEM_BUCKET_FACTOR * distinct + 1 and auto & (auto - 1) == 0
+    resolve = lambda overrides, **kw: task.resolve_model_config("dnn_multi", overrides, contract, **kw).inputs  # noqa: E731
+    assert resolve({}, train_files=files).item_buckets == auto
+    assert resolve({"inputs": {"item_buckets": "auto"}}, train_files=files).item_buckets == auto
+    assert resolve({"inputs": {"item_buckets": 300}}, train_files=files).item_buckets == 300
+    assert resolve({"item_buckets": 512}, train_files=files).item_buckets == 512  # --set item_buckets=512
+    assert resolve({}).item_buckets == models.config.InputConfig().item_buckets  # no data to size from
+    # At the auto size fewer items collide (about 1 - exp(-n / B) ~ 11% here): no warning.
+    assert task.item_hashing(files, contract, auto)["colliding_item_fraction"] < task.COLLISION_WARNING
 
 
 def test_phase_steps_split_by_share_with_at_least_one_step_each():

@@ -2,12 +2,16 @@
 
 `custom_config` keys: `model` (registry name), `model_config` (overrides of its config), and any
 field of `TrainingConfig`. The model's inputs (domains, history lengths) come from the
-ingestion's contract.
+ingestion's contract; the number of item hash buckets from the train split's distinct item ids
+unless the config names one (`resolve_model_config`), and the resulting collisions are written
+next to the model (`ITEM_HASHING_FILE`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
 import os
 
@@ -57,13 +61,65 @@ def _with_label_dict(inputs, label):
     return inputs, {F.SERVING_OUTPUT: label}
 
 
-def resolve_model_config(model_name: str, model_overrides: dict, contract: F.Contract):
-    """The model's config with overrides applied and its inputs taken from the ingestion contract."""
+AUTO = "auto"
+# auto: the next power of two >= 8 x the distinct items, so at most 1 - exp(-1/8) = 11.8% of the items
+# share a bucket. More buckets collide less but cost train time: Adam updates every row of a table
+# each step (DACDR's step took 2x as long at 2^18 buckets and 3.9x at 2^19 as at 2^15).
+ITEM_BUCKET_FACTOR = 8
+COLLISION_WARNING = 0.15  # warn when clearly more of the items share a bucket than auto gives (<= 11.8% expected)
+ITEM_HASHING_FILE = "item_hashing.json"
+
+
+@functools.lru_cache(maxsize=4)
+def _distinct_item_ids(train_files: tuple, contract: F.Contract):
+    return preprocess.distinct_item_ids(train_files, contract)
+
+
+def resolve_model_config(model_name: str, model_overrides: dict, contract: F.Contract, train_files=()):
+    """The model's config with overrides applied and its inputs taken from the ingestion contract.
+
+    `item_buckets` (under `inputs`, or at the top level as a shortcut: `--set item_buckets=N`) is
+    kept when it is a number. When it is "auto" or absent and `train_files` are given, it is
+    `preprocess.auto_item_buckets(distinct item ids of train_files, ITEM_BUCKET_FACTOR)`: about
+    1 - exp(-n / B), 6-12% of the items, then share a bucket. Without `train_files` the
+    `InputConfig` default applies.
+    """
     overrides = dict(model_overrides or {})
     inputs = dict(overrides.pop("inputs", {}) or {})
+    if "item_buckets" in overrides:
+        inputs["item_buckets"] = overrides.pop("item_buckets")
+    if inputs.get("item_buckets", AUTO) == AUTO:
+        inputs.pop("item_buckets", None)
+        if train_files:
+            distinct = len(_distinct_item_ids(tuple(train_files), contract))
+            inputs["item_buckets"] = preprocess.auto_item_buckets(distinct, ITEM_BUCKET_FACTOR)
     inputs.update(domains=list(contract.domains), history_length=contract.history_length,
                   domain_history_length=contract.domain_history_length)
     return models.resolve_config(model_name, {**overrides, "inputs": inputs})
+
+
+def item_hashing(train_files, contract: F.Contract, item_buckets: int) -> dict:
+    """`preprocess.hashing_stats` of the train split's item ids; logs a warning above COLLISION_WARNING."""
+    stats = preprocess.hashing_stats(_distinct_item_ids(tuple(train_files), contract), item_buckets)
+    if stats["colliding_item_fraction"] > COLLISION_WARNING:
+        suggested = preprocess.auto_item_buckets(stats["distinct_items"], ITEM_BUCKET_FACTOR)
+        logging.warning("item hashing: %.1f%% of the %d distinct item ids share one of the %d buckets with another "
+                        "item (%.1f%% merged away); set item_buckets=auto (%d here) or larger",
+                        100 * stats["colliding_item_fraction"], stats["distinct_items"], item_buckets,
+                        100 * stats["merged_item_fraction"], suggested)
+    else:
+        logging.info("item hashing: %d distinct item ids in %d buckets, %.1f%% share a bucket",
+                     stats["distinct_items"], item_buckets, 100 * stats["colliding_item_fraction"])
+    return stats
+
+
+def save_item_hashing(stats: dict, model_dir: str) -> str:
+    """Writes `stats` as `<model_dir>/item_hashing.json`; returns the path."""
+    path = os.path.join(model_dir, ITEM_HASHING_FILE)
+    tf.io.gfile.makedirs(model_dir)
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(json.dumps(stats, indent=2, sort_keys=True))
+    return path
 
 
 def distribution_strategy() -> tf.distribute.Strategy:
@@ -119,7 +175,8 @@ def train_and_export(model_name: str, model_overrides: dict, contract: F.Contrac
     if training.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        model_config = resolve_model_config(model_name, model_overrides, contract)
+        model_config = resolve_model_config(model_name, model_overrides, contract, train_files=train_files)
+        hashing = item_hashing(train_files, contract, model_config.inputs.item_buckets)
         # Single-domain baselines name the one domain they are trained and validated on.
         only_domain = getattr(model_config, "domain", "")
         data = dict(config=model_config.inputs, batch_size=training.batch_size, only_domain=only_domain,
@@ -149,6 +206,7 @@ def train_and_export(model_name: str, model_overrides: dict, contract: F.Contrac
     warmup = [r.numpy() for r in tf.data.TFRecordDataset(train_files[:1], compression_type="GZIP").take(WARMUP_EXAMPLES)]
     export.write_warmup_requests(serving_model_dir, model_name, warmup)
     config_lib.save(model_config, model_name, serving_model_dir)
+    save_item_hashing(hashing, serving_model_dir)
     save_keras_weights(model, serving_model_dir)
     logging.info("exported %s to %s", model_name, serving_model_dir)
     return model
@@ -173,7 +231,6 @@ def save_keras_weights(model, model_dir: str) -> str:
 
 def load_trained_model(model_dir: str):
     """(model name, config, Keras model with its trained weights) from an exported model dir."""
-    import json
     import tempfile
 
     with tf.io.gfile.GFile(os.path.join(model_dir, config_lib.CONFIG_FILE)) as f:

@@ -7,6 +7,10 @@ with the rows of an embedding table (the item table, tied), the negatives are dr
 `keras.random` (backend-agnostic), and every logit is corrected by -log Q(class) (Bengio &
 Senecal 2008; Jean et al. 2015), so the sampled softmax is an unbiased-in-the-limit estimate of
 the full one. With `num_sampled=0` the full softmax is computed instead.
+
+Hashed ids leave most rows of a table empty (no item hashes there), so negatives drawn over all
+classes are mostly trivial; the "in_batch" sampler draws them from the call's own true classes
+instead (the items that really occur), with their in-batch frequency as Q.
 """
 
 import math
@@ -15,7 +19,7 @@ import keras
 import ml_dtypes
 from keras import ops
 
-SAMPLERS = ("uniform", "log_uniform")
+SAMPLERS = ("in_batch", "uniform", "log_uniform")
 
 
 def log_uniform_log_prob(offsets, num_classes):
@@ -48,14 +52,17 @@ class SampledSoftmaxLoss(keras.layers.Layer):
           is not a negative); loss = -log softmax(z)_0.
         full (S = 0): loss = -log softmax(x.e_c over every class c)_y.
 
-    Under "uniform" Q is constant, so the correction cancels; "log_uniform" (Zipfian) suits
-    vocabularies indexed by decreasing frequency (not hashed ids).
+    Samplers: "in_batch" draws S of the call's own real (masked-in) positions uniformly and
+    takes their labels, so every negative is a class that occurs in the batch and
+    Q(c) = (positions labelled c) / (real positions); "uniform" (Q constant, the correction
+    cancels) and "log_uniform" (Zipfian, for vocabularies indexed by decreasing frequency, not
+    hashed ids) draw over all real classes.
 
     Args:
       num_classes: number of classes including those below `first_class`.
       num_sampled: negatives per call, >= 0; 0 (or >= the number of real classes) is the full
         softmax.
-      sampler: "uniform" or "log_uniform".
+      sampler: "in_batch", "uniform" or "log_uniform".
       first_class: the smallest real class (1 when 0 is padding).
       seed: seed of the sampler (None: drawn from Keras's global seed).
 
@@ -91,9 +98,16 @@ class SampledSoftmaxLoss(keras.layers.Layer):
         """True when the full softmax is computed (no sampling)."""
         return self.num_sampled == 0 or self.num_sampled >= self.num_classes - self.first_class
 
-    def sample(self):
-        """(num_sampled,) int32 classes drawn from Q."""
+    def sample(self, labels=None, mask=None):
+        """(num_sampled,) int32 classes drawn from Q; "in_batch" draws from `labels` where `mask`."""
         real = self.num_classes - self.first_class
+        if self.sampler == "in_batch":
+            labels, mask = self._batch_classes(labels, mask)  # (N,) each
+            minimum = float(ml_dtypes.finfo("float32").min)
+            logits = ops.where(mask, 0.0, minimum)  # (N,): uniform over the real positions
+            positions = keras.random.categorical(ops.expand_dims(logits, 0), self.num_sampled, dtype="int32",
+                                                 seed=self.seed_generator)[0]  # (S,)
+            return ops.take(labels, positions, axis=0)
         if self.sampler == "uniform":
             k = keras.random.randint((self.num_sampled,), 0, real, seed=self.seed_generator)
         else:
@@ -103,10 +117,23 @@ class SampledSoftmaxLoss(keras.layers.Layer):
             k = ops.clip(ops.cast(k, "int32"), 0, real - 1)
         return ops.cast(k, "int32") + self.first_class
 
-    def log_q(self, classes):
-        """log Q(class) of the sampler, float32, shaped like `classes`."""
+    def _batch_classes(self, labels, mask):
+        """Flat (N,) int32 labels and (N,) bool mask of a call, for the "in_batch" sampler."""
+        if labels is None or mask is None:
+            raise ValueError("the 'in_batch' sampler needs the call's `labels` and `mask`")
+        return ops.reshape(ops.cast(labels, "int32"), (-1,)), ops.reshape(ops.cast(mask, "bool"), (-1,))
+
+    def log_q(self, classes, labels=None, mask=None):
+        """log Q(class) of the sampler, float32, shaped like `classes` ("in_batch": of `labels` where `mask`)."""
         real = self.num_classes - self.first_class
         offsets = ops.cast(classes, "int32") - self.first_class
+        if self.sampler == "in_batch":
+            labels, mask = self._batch_classes(labels, mask)  # (N,) each
+            weights = ops.cast(mask, "float32")
+            counts = ops.bincount(ops.where(mask, labels, 0), weights=weights, minlength=self.num_classes)  # (C,)
+            counts = ops.take(counts, ops.cast(classes, "int32"), axis=0)  # shaped like classes
+            # A class absent from the batch is never drawn; the floor of 1 keeps its log finite.
+            return ops.log(ops.maximum(counts, 1.0)) - ops.log(ops.maximum(ops.sum(weights), 1.0))
         if self.sampler == "uniform":
             return ops.zeros_like(ops.cast(offsets, "float32")) - math.log(real)
         return log_uniform_log_prob(offsets, real)
@@ -125,11 +152,12 @@ class SampledSoftmaxLoss(keras.layers.Layer):
             log_probs = ops.log_softmax(logits, axis=-1)
             loss = -ops.sum(target * log_probs, axis=-1)  # (batch, ...)
         else:
-            sampled = self.sample() if sampled is None else ops.cast(sampled, "int32")  # (S,)
+            sampled = self.sample(labels, mask) if sampled is None else ops.cast(sampled, "int32")  # (S,)
             true_embeddings = ops.cast(ops.take(table, labels + offset, axis=0), "float32")  # (batch, ..., dim)
             sampled_embeddings = ops.cast(ops.take(table, sampled + offset, axis=0), "float32")  # (S, dim)
-            true_logits = ops.sum(hidden * true_embeddings, axis=-1) - self.log_q(labels)  # (batch, ...)
-            sampled_logits = ops.matmul(hidden, ops.transpose(sampled_embeddings)) - self.log_q(sampled)  # (..., S)
+            true_logits = ops.sum(hidden * true_embeddings, axis=-1) - self.log_q(labels, labels, mask)  # (batch, ...)
+            sampled_logits = (ops.matmul(hidden, ops.transpose(sampled_embeddings))
+                              - self.log_q(sampled, labels, mask))  # (batch, ..., S)
             hits = ops.equal(ops.expand_dims(labels, -1), sampled)  # (batch, ..., S): accidental hits
             sampled_logits = ops.where(hits, minimum, sampled_logits)
             logits = ops.concatenate([ops.expand_dims(true_logits, -1), sampled_logits], axis=-1)  # (batch, ..., 1+S)
