@@ -56,11 +56,13 @@ def _cmd_import_interactions(args) -> int:
 
     paths = [path for pattern in args.input for path in sorted(glob.glob(_require_input(pattern)))]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    summary = importer.import_interactions(paths, args.out, importer.ImportConfig(negatives=args.negatives, seed=args.seed,
-                                                                                  popularity_window=args.popularity_window))
+    config = importer.ImportConfig(negatives=args.negatives, seed=args.seed, popularity_window=args.popularity_window,
+                                   negative_sampling=args.negative_sampling)
+    summary = importer.import_interactions(paths, args.out, config)
     dead = ", ".join(f"{r}={n}" for r, n in sorted(summary["dead_letter"].items())) or "none"
-    print(f"{summary['interactions']} interactions of {summary['users']} users -> {summary['impressions']} impressions "
-          f"({summary['negatives']} sampled non-clicks, {summary['negative_topups']} topped up, "
+    print(f"{summary['interactions']} interactions of {summary['users']} users "
+          f"({summary['duplicate_interactions']} exact duplicate rows dropped) -> {summary['impressions']} impressions "
+          f"({summary['negatives']} {config.negative_sampling} non-clicks, {summary['negative_topups']} topped up, "
           f"shortfall {summary['negative_shortfall']}); "
           f"rejected rows: {dead}; output: {args.out}")
     return 0
@@ -280,6 +282,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--negatives", type=int, default=4, help="non-clicked impressions sampled per interaction (K)")
     p.add_argument("--popularity-window", type=int, default=1_000,
                    help="negatives are drawn by popularity among the domain's last W interactions before the click")
+    p.add_argument("--negative-sampling", choices=["popularity", "uniform"], default="popularity",
+                   help="popularity: by popularity in the trailing window (time-split AUC protocol); uniform: "
+                        "uniformly from the domain's whole catalogue (the leave-one-out ranking protocol)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_import_interactions)
 
