@@ -202,8 +202,14 @@ def _cmd_benchmark_train(args) -> int:
             models.resolve_config(name, overrides)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    if args.early_stopping_patience < 1:
+        raise UsageError(f"--early-stopping-patience must be >= 1, got {args.early_stopping_patience}")
+    if args.seed is not None and args.seeds:
+        raise UsageError("give --seeds or --seed, not both")
+    seeds = args.seeds or [0 if args.seed is None else args.seed]
     train.run(names, args.workdir, args.out, users=args.users, epochs=args.epochs, batch_size=args.batch_size,
-              seed=args.seed, examples=args.examples, overrides=overrides)
+              seeds=seeds, examples=args.examples, overrides=overrides, patience=args.early_stopping_patience,
+              data_seed=args.data_seed)
     return 0
 
 
@@ -345,9 +351,13 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--models", nargs="+", help="registered model names (default: all)")
     b.add_argument("--users", type=int, default=2000, help="users of the generated log")
     b.add_argument("--examples", default="", help="an ingestion output to train on instead (e.g. imported real data)")
-    b.add_argument("--epochs", type=int, default=2)
+    b.add_argument("--epochs", type=int, default=10, help="most epochs a run trains (early stopping ends it sooner)")
+    b.add_argument("--early-stopping-patience", type=int, default=1,
+                   help="epochs without a lower validation loss before a run stops (best weights restored)")
     b.add_argument("--batch-size", type=int, default=256)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seeds", type=int, nargs="+", help="training seeds; the table gives mean ± std over them (default: 0)")
+    b.add_argument("--seed", type=int, help="one training seed (the same as --seeds N)")
+    b.add_argument("--data-seed", type=int, default=0, help="seed of the generated log")
     b.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="model config override for every model (an ablation); the run is named model[KEY=VALUE,...]")
     b.add_argument("--workdir", default="outputs/benchmark/train")

@@ -27,7 +27,7 @@ An empty slice is kept with `examples: 0` and every metric null.
 
 `compare` reads several runs (a `metrics.json`, a directory holding one, or the JSON written by
 `xdctr benchmark train`, whose every result with a `quality` dict is a run named after its model,
-with the benchmark's data seed) and writes a Markdown table: one row per run name, in order of
+with the result's `seed`, else the file's) and writes a Markdown table: one row per run name, in order of
 first appearance; columns `seeds`, then `AUC <slice>` and `GAUC <slice>` per chosen slice, then
 `log loss` and `calibration` of the `overall` slice. Runs that share a name are the same model
 with different seeds: the cell is `mean ± std` (sample standard deviation, n - 1) over them, to 4
@@ -428,8 +428,8 @@ def load_runs(path: str) -> List[dict]:
         return [{"name": str(content.get("run") or os.path.basename(os.path.dirname(os.path.abspath(file)))),
                  "seed": content.get("seed"), "slices": content["slices"], "source": file}]
     if isinstance(content, dict) and isinstance(content.get("results"), list):
-        seed = (content.get("data") or {}).get("seed")
-        runs = [{"name": str(r["model"]), "seed": seed, "slices": r["quality"], "source": file}
+        seed = (content.get("data") or {}).get("seed")  # one seed for the whole file (older benchmark JSONs)
+        runs = [{"name": str(r["model"]), "seed": r.get("seed", seed), "slices": r["quality"], "source": file}
                 for r in content["results"] if isinstance(r, dict) and isinstance(r.get("quality"), dict) and "model" in r]
         if runs:
             return runs
