@@ -56,9 +56,17 @@ def _cmd_import_interactions(args) -> int:
 
     paths = [path for pattern in args.input for path in sorted(glob.glob(_require_input(pattern)))]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    sampling = args.negative_sampling or (importer.UNIFORM if args.leave_one_out else importer.POPULARITY)
     config = importer.ImportConfig(negatives=args.negatives, seed=args.seed, popularity_window=args.popularity_window,
-                                   negative_sampling=args.negative_sampling)
-    summary = importer.import_interactions(paths, args.out, config)
+                                   negative_sampling=sampling)
+    if args.leave_one_out:
+        from components.evaluation import ranking
+
+        summary = ranking.import_train_part(paths, args.out, config)
+        print(f"leave-one-out train part (each user's last two interactions held out, ties in file order): "
+              f"{summary['train_csv']}")
+    else:
+        summary = importer.import_interactions(paths, args.out, config)
     dead = ", ".join(f"{r}={n}" for r, n in sorted(summary["dead_letter"].items())) or "none"
     print(f"{summary['interactions']} interactions of {summary['users']} users "
           f"({summary['duplicate_interactions']} exact duplicate rows dropped) -> {summary['impressions']} impressions "
@@ -288,9 +296,12 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--negatives", type=int, default=4, help="non-clicked impressions sampled per interaction (K)")
     p.add_argument("--popularity-window", type=int, default=1_000,
                    help="negatives are drawn by popularity among the domain's last W interactions before the click")
-    p.add_argument("--negative-sampling", choices=["popularity", "uniform"], default="popularity",
-                   help="popularity: by popularity in the trailing window (time-split AUC protocol); uniform: "
-                        "uniformly from the domain's whole catalogue (the leave-one-out ranking protocol)")
+    p.add_argument("--negative-sampling", choices=["popularity", "uniform"],
+                   help="popularity: by popularity in the trailing window (time-split AUC protocol; the default); "
+                        "uniform: uniformly from the domain's whole catalogue (the default with --leave-one-out)")
+    p.add_argument("--leave-one-out", action="store_true",
+                   help="import only the leave-one-out protocol's train part: per user all but the last two "
+                        "interactions, ties in file order (see xdctr evaluate --protocol leave-one-out)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_import_interactions)
 

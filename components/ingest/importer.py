@@ -545,6 +545,24 @@ def _write(data: _Interactions, negatives: list, out) -> int:
     return written
 
 
+def read_interactions(input_paths: list, dead_letter_path: str) -> tuple:
+    """Pass 1 on its own: (the good rows, encoded, exact duplicates dropped; Counter of dead
+    letters per reason). Rejected rows are written to `dead_letter_path`.
+
+    The result's `users`, `items`, `domains` are `_Table`s (`.names` in first-seen order),
+    `row_user`, `row_item`, `row_ts` the rows in input order, `item_domain` each item's domain
+    code, `user_items` each user's set of item codes.
+
+    Raises:
+      ValueError: an input's header lacks a required column (the message names file and column).
+    """
+    dead_counts: collections.Counter = collections.Counter()
+    with open(dead_letter_path, "w", encoding="utf-8", newline="\n") as dead_out:
+        _check_headers(list(input_paths), dead_out)
+        data = _read(list(input_paths), dead_out, dead_counts)
+    return data, dead_counts
+
+
 def import_interactions(input_paths: list, output_path: str, config: ImportConfig,
                         dead_letter_path: Optional[str] = None) -> dict:
     """Turns interaction CSVs into an impression log with sampled negatives.
@@ -576,10 +594,7 @@ def import_interactions(input_paths: list, output_path: str, config: ImportConfi
     output_path = str(output_path)
     dead_letter_path = str(dead_letter_path) if dead_letter_path else output_path + DEAD_LETTER_SUFFIX
     started = time.monotonic()
-    dead_counts: collections.Counter = collections.Counter()
-    with open(dead_letter_path, "w", encoding="utf-8", newline="\n") as dead_out:
-        _check_headers(input_paths, dead_out)
-        data = _read(input_paths, dead_out, dead_counts)
+    data, dead_counts = read_interactions(input_paths, dead_letter_path)
     logger.info("read %d interactions (%d users, %d items, %d domains, %d bad rows) from %d file(s)",
                 len(data.row_item), len(data.users.names), len(data.items.names), len(data.domains.names),
                 sum(dead_counts.values()), len(input_paths))
