@@ -22,6 +22,7 @@ per-model summary.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import List, Sequence
@@ -37,6 +38,7 @@ from components.trainer import preprocess, task
 from xdctr import features as F
 
 VALIDATION_BATCH = 4096
+logger = logging.getLogger(__name__)
 
 
 class _StepTimer(keras.callbacks.Callback):
@@ -57,6 +59,22 @@ class _StepTimer(keras.callbacks.Callback):
 
     def seconds(self):
         return self.elapsed if self.timed_steps else float("nan")
+
+
+class _EpochLog(keras.callbacks.Callback):
+    """Logs each epoch's losses and time (progress of long runs)."""
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label, self._began = label, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._began = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        logger.info("%s: epoch %d: loss %.5f, val_loss %.5f, %.0f s", self.label, epoch + 1, logs.get("loss", float("nan")),
+                    logs.get("val_loss", float("nan")), time.monotonic() - (self._began or time.monotonic()))
 
 
 def prepare_data(workdir: str, users: int, seed: int) -> str:
@@ -118,7 +136,8 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
     history = task.fit(model, train.map(_with_label_dict), steps=steps_per_epoch * epochs, epochs=epochs,
                        validation_data=validation.map(_with_label_dict),
                        validation_steps=None,
-                       callbacks=list(callbacks), final_callbacks=[stopping], verbose=0)
+                       callbacks=list(callbacks), final_callbacks=[stopping, _EpochLog(f"{name} seed {seed}")],
+                       verbose=0)
     val_loss = [float(v) for v in history.history.get("val_loss", [])]
     info = {"epochs_run": len(val_loss), "best_epoch": int(np.argmin(val_loss)) + 1 if val_loss else None,
             "val_loss": [round(v, 6) for v in val_loss]}
@@ -159,6 +178,11 @@ def _line(name: str, cells: Sequence[str]) -> str:
     return f"{name:>28} " + " ".join(f"{c:>17}" for c in cells)
 
 
+def run_suffix(overrides: dict) -> str:
+    """`[key=value,...]` of config overrides (nested ones as written), "" without any."""
+    return "[" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) + "]" if overrides else ""
+
+
 def run(model_names: List[str], workdir: str, out: str, users: int = 2000, epochs: int = 10,
         batch_size: int = 256, seeds: Sequence[int] = (0,), warmup: int = 20, examples: str = "", overrides=None,
         patience: int = 1, validation_fraction: float = 0.1, data_seed: int = 0) -> list:
@@ -170,7 +194,7 @@ def run(model_names: List[str], workdir: str, out: str, users: int = 2000, epoch
     """
     overrides = dict(overrides or {})
     seeds = list(seeds)
-    suffix = "[" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) + "]" if overrides else ""
+    suffix = run_suffix(overrides)
     os.makedirs(workdir, exist_ok=True)
     generated = not examples
     examples = examples or prepare_data(workdir, users, data_seed)

@@ -192,18 +192,15 @@ def _cmd_benchmark_ingest(args) -> int:
     return 0
 
 
-def _cmd_benchmark_train(args) -> int:
+def _benchmark_models(args) -> tuple:
+    """(model names, config overrides) of a training benchmark's flags, checked."""
     import models
-    from benchmarks import train
+    from models import config as config_lib
 
     names = args.models or models.names()
     unknown = sorted(set(names) - set(models.names()))
     if unknown:
         raise UsageError(f"unknown model(s) {unknown}; known: {models.names()}")
-    if args.examples and not os.path.isfile(os.path.join(args.examples, "summary.json")):
-        raise UsageError(f"{args.examples} is not an ingestion output (no summary.json)")
-    from models import config as config_lib
-
     try:
         overrides = config_lib.parse_assignments(args.set or [])
         for name in names:
@@ -212,12 +209,31 @@ def _cmd_benchmark_train(args) -> int:
         raise UsageError(str(e)) from e
     if args.early_stopping_patience < 1:
         raise UsageError(f"--early-stopping-patience must be >= 1, got {args.early_stopping_patience}")
+    return names, overrides
+
+
+def _cmd_benchmark_train(args) -> int:
+    from benchmarks import train
+
+    names, overrides = _benchmark_models(args)
+    if args.examples and not os.path.isfile(os.path.join(args.examples, "summary.json")):
+        raise UsageError(f"{args.examples} is not an ingestion output (no summary.json)")
     if args.seed is not None and args.seeds:
         raise UsageError("give --seeds or --seed, not both")
     seeds = args.seeds or [0 if args.seed is None else args.seed]
     train.run(names, args.workdir, args.out, users=args.users, epochs=args.epochs, batch_size=args.batch_size,
               seeds=seeds, examples=args.examples, overrides=overrides, patience=args.early_stopping_patience,
               data_seed=args.data_seed)
+    return 0
+
+
+def _cmd_benchmark_quality(args) -> int:
+    from benchmarks import quality
+
+    names, overrides = _benchmark_models(args)
+    quality.run(names, args.workdir, args.out, args.markdown, sets=args.sets, seeds=args.seeds, users=args.users,
+                epochs=args.epochs, patience=args.early_stopping_patience, batch_size=args.batch_size,
+                max_users=args.max_users, overrides=overrides, baselines=not args.no_references)
     return 0
 
 
@@ -374,6 +390,26 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--workdir", default="outputs/benchmark/train")
     b.add_argument("--out", default="outputs/benchmark/train.json")
     b.set_defaults(func=_cmd_benchmark_train)
+
+    b = bsub.add_parser("quality", help="every model on generated logs, food-kitchen (AUC and leave-one-out) and "
+                                        "five-domains, over seeds, with early stopping: one Markdown table + JSON")
+    b.add_argument("--sets", nargs="+", choices=["generated", "food-kitchen", "five-domains", "food-kitchen-loo"],
+                   default=["generated", "food-kitchen", "five-domains", "food-kitchen-loo"])
+    b.add_argument("--models", nargs="+", help="registered model names (default: all)")
+    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    b.add_argument("--users", type=int, default=20_000, help="users of the generated log")
+    b.add_argument("--epochs", type=int, default=10, help="most epochs a run trains (early stopping ends it sooner)")
+    b.add_argument("--early-stopping-patience", type=int, default=1)
+    b.add_argument("--batch-size", type=int, default=256)
+    b.add_argument("--max-users", type=int, help="leave-one-out: rank only the first N users' test cases (quick checks)")
+    b.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="config override for every model, e.g. inputs.item_buckets=262144 (runs are named model[...])")
+    b.add_argument("--no-references", action="store_true",
+                   help="leave-one-out: skip the popularity and random reference rankings")
+    b.add_argument("--workdir", default="outputs/benchmark/quality")
+    b.add_argument("--out", default="outputs/benchmark/quality.json")
+    b.add_argument("--markdown", default="outputs/benchmark/quality.md")
+    b.set_defaults(func=_cmd_benchmark_quality)
     if command == "benchmark":  # its flags come from a module that starts TensorFlow services lazily
         from benchmarks import serve as serve_benchmark
 
