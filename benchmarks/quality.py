@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Dict, List, Sequence
 
@@ -113,10 +114,11 @@ def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epoc
             model, config, info = train.train_model(name, overrides, contract, files, rows, seed=seed, epochs=epochs,
                                                     batch_size=batch_size, patience=patience)
             trained = time.monotonic() - started
-            model_dir = os.path.join(directory, "models", f"{name}{suffix}-{seed}")
+            slug = re.sub(r"[^A-Za-z0-9_.=,-]+", "_", f"{name}{suffix}-{seed}")  # no glob characters in paths
+            model_dir = os.path.join(directory, "models", slug)
             export.export(model, config.inputs, model_dir)
             config_lib.save(config, name, model_dir)
-            result = ranking.evaluate([interactions], os.path.join(directory, "rankings", f"{name}{suffix}-{seed}"),
+            result = ranking.evaluate([interactions], os.path.join(directory, "rankings", slug),
                                       model_dir=model_dir, name=name + suffix, seed=seed, splits=[ranking.TEST],
                                       max_users=max_users)
             result.update(training=info, train_seconds=round(trained, 1), load_average=list(os.getloadavg()))

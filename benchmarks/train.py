@@ -179,8 +179,15 @@ def _line(name: str, cells: Sequence[str]) -> str:
 
 
 def run_suffix(overrides: dict) -> str:
-    """`[key=value,...]` of config overrides (nested ones as written), "" without any."""
-    return "[" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) + "]" if overrides else ""
+    """`[key=value,...]` of config overrides (nested ones as `outer.inner=value`), "" without any."""
+    def flat(values, prefix=""):
+        for key, value in sorted(values.items()):
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}={value}"
+
+    return "[" + ",".join(flat(overrides)) + "]" if overrides else ""
 
 
 def run(model_names: List[str], workdir: str, out: str, users: int = 2000, epochs: int = 10,

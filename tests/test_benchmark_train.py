@@ -80,3 +80,9 @@ def test_train_model_stops_early_at_the_best_epoch(tiny_examples):
     bce = keras.losses.BinaryCrossentropy()
     now = np.mean([float(bce(y, model(x)[F.SERVING_OUTPUT])) for x, y in validation])
     assert now == pytest.approx(min(losses), rel=1e-3)
+
+
+def test_run_suffix_names_nested_overrides():
+    assert train.run_suffix({}) == ""
+    assert train.run_suffix({"use_sc_mim": False, "inputs": {"item_buckets": 262144}}) == (
+        "[inputs.item_buckets=262144,use_sc_mim=False]")
