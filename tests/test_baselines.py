@@ -1,4 +1,4 @@
-"""The honest baselines (models/baselines.py) and the DIN target attention layer."""
+"""The honest baselines (models/baselines.py, models/bilinear.py) and the DIN target attention layer."""
 
 import keras
 import numpy as np
@@ -14,11 +14,12 @@ from models import config as config_lib
 from models.layers.target_attention import TargetAttention
 from xdctr import features as F
 
-NAMES = ["single_domain_dnn", "single_domain_din", "dnn_multi", "shared_bottom"]
+NAMES = ["single_domain_dnn", "single_domain_din", "dnn_multi", "shared_bottom", "bilinear_recency"]
 SINGLE_DOMAIN = ["single_domain_dnn", "single_domain_din"]
-# Every model, plus the DIN's softmax ablation.
-VARIANTS = [(name, {}) for name in NAMES] + [("single_domain_din", {"softmax": True})]
-VARIANT_IDS = NAMES + ["single_domain_din-softmax"]
+# Every model, plus the DIN's softmax ablation and the bilinear model's time-gap recency.
+VARIANTS = [(name, {}) for name in NAMES] + [("single_domain_din", {"softmax": True}),
+                                             ("bilinear_recency", {"recency": "time_gap"})]
+VARIANT_IDS = NAMES + ["single_domain_din-softmax", "bilinear_recency-time_gap"]
 HISTORY, DOMAIN_HISTORY, BUCKETS, BATCH = 4, 3, 50, 8
 
 
@@ -28,6 +29,7 @@ def _config(name, domains=("a", "b"), **overrides):
         "single_domain_din": {"embedding_dim": 4, "hidden_units": [8], "attention_units": [4]},
         "dnn_multi": {"embedding_dim": 4, "domain_embedding_dim": 2, "hidden_units": [8]},
         "shared_bottom": {"embedding_dim": 4, "domain_embedding_dim": 2, "bottom_units": [8], "tower_units": [4]},
+        "bilinear_recency": {"embedding_dim": 4},
     }[name]
     small.update(overrides)
     small["inputs"] = {"domains": list(domains), "history_length": HISTORY,
@@ -258,10 +260,13 @@ def test_single_domain_models_read_only_the_target_domain_history(name):
     assert np.all(_ctr(model, own) != expected)
 
 
-@pytest.mark.parametrize("name", ["dnn_multi", "shared_bottom"])
+@pytest.mark.parametrize("name", ["dnn_multi", "shared_bottom", "bilinear_recency"])
 def test_multi_domain_models_depend_on_the_domain(name):
     model = _build(name)
     inputs = _inputs()
+    if name == "bilinear_recency":  # its domain bias starts at 0
+        model(inputs)
+        model.domain_bias.embeddings.assign([[0.5], [-0.5]])
     flipped = dict(inputs, **{F.DOMAIN: (1 - inputs[F.DOMAIN]).astype("int32")})
     assert np.all(_ctr(model, flipped) != _ctr(model, inputs))
 
@@ -323,3 +328,74 @@ def test_saved_model_serves_what_the_model_computes(name, tmp_path):
         F.CANDIDATE_DOMAINS: tf.constant(domains)})[F.SERVING_OUTPUT]
     np.testing.assert_allclose(scored.numpy(), _ctr(model, candidates), rtol=1e-5)
     assert len(set(np.round(scored.numpy(), 7))) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# bilinear_recency
+
+
+def _bilinear_by_hand(recency="position"):
+    """A 2-step history, dim 2, set weights; returns (model, inputs)."""
+    model = _build("bilinear_recency", embedding_dim=2, recency=recency)
+    inputs = _inputs(batch=2)
+    # Row 0: history [pad, pad, item 1, item 2] (item 2 is the latest), target item 3, domain 0.
+    # Row 1: no history at all, target item 3, domain 1.
+    inputs[F.HISTORY_ITEM_IDS] = np.array([[0, 0, 1, 2], [0, 0, 0, 0]], "int32")
+    inputs[F.HISTORY_MASK] = inputs[F.HISTORY_ITEM_IDS] > 0
+    inputs[F.HISTORY_TIME_GAPS] = np.array([[0, 0, 5, 1], [0, 0, 0, 0]], "int32")
+    inputs[F.ITEM_ID] = np.array([3, 3], "int32")
+    inputs[F.DOMAIN] = np.array([0, 1], "int32")
+    model(inputs)
+    table = np.zeros((BUCKETS, 2), "float32")
+    table[1], table[2], table[3] = [1.0, 0.0], [0.0, 2.0], [1.0, 1.0]
+    model.item_embedding.embeddings.assign(table)
+    bias = np.zeros((BUCKETS, 1), "float32")
+    bias[3] = 0.25
+    model.item_bias.embeddings.assign(bias)
+    model.domain_bias.embeddings.assign([[0.5], [-1.0]])
+    model.bilinear.assign([[1.0, 0.0], [0.0, 3.0]])  # M = diag(1, 3)
+    return model, inputs
+
+
+def _logit(p):
+    return np.log(p / (1 - p))
+
+
+def test_bilinear_recency_by_hand_position_weights():
+    model, inputs = _bilinear_by_hand()
+    # Recency logits by position: a_2 = 0 (item 1), a_3 = ln 3 (item 2, the latest): w = [1/4, 3/4].
+    model.recency_logits.assign([5.0, 5.0, 0.0, np.log(3.0)])  # positions 0, 1 are padding: no weight
+    # u = 1/4 [1, 0] + 3/4 [0, 2] = [0.25, 1.5]; M u = [0.25, 4.5]; E[3] . M u = 4.75;
+    # + b_item 0.25 + b_domain 0.5 = 5.5. Row 1 has no history: u = 0, logit = 0.25 - 1.0 = -0.75.
+    np.testing.assert_allclose(_logit(_ctr(model, inputs)), [5.5, -0.75], rtol=1e-4)
+
+
+def test_bilinear_recency_by_hand_time_gap_weights():
+    model, inputs = _bilinear_by_hand(recency="time_gap")
+    logits = np.zeros(F.NUM_TIME_GAP_BUCKETS, "float32")
+    logits[1], logits[5] = np.log(4.0), 0.0  # gap bucket 1 (item 2) weighs 4x bucket 5 (item 1)
+    model.recency_logits.assign(logits)
+    # w = [1/5, 4/5]; u = [0.2, 1.6]; M u = [0.2, 4.8]; E[3] . M u = 5.0; + 0.25 + 0.5 = 5.75.
+    np.testing.assert_allclose(_logit(_ctr(model, inputs)), [5.75, -0.75], rtol=1e-4)
+
+
+def test_bilinear_recency_reads_only_the_mixed_history():
+    model = _build("bilinear_recency")
+    inputs = _inputs()
+    expected = _ctr(model, inputs)
+    other = dict(inputs, **{F.DOMAIN_HISTORY_ITEM_IDS: np.full_like(inputs[F.DOMAIN_HISTORY_ITEM_IDS], 7),
+                            F.HISTORY_DOMAINS: np.zeros_like(inputs[F.HISTORY_DOMAINS])})
+    np.testing.assert_allclose(_ctr(model, other), expected, rtol=0, atol=1e-6)
+    changed = dict(inputs, **{F.HISTORY_ITEM_IDS: np.where(inputs[F.HISTORY_MASK], 9, 0).astype("int32")})
+    # Rows whose history was item 9 throughout stay as they were; every other row moves.
+    differs = [np.any(row[mask] != 9) for row, mask in zip(inputs[F.HISTORY_ITEM_IDS], inputs[F.HISTORY_MASK])]
+    assert any(differs) and np.all((_ctr(model, changed) != expected) == np.array(differs))
+
+
+def test_bilinear_recency_config_errors():
+    with pytest.raises(ValueError, match="recency='newest'"):
+        models.build("bilinear_recency", _config("bilinear_recency", recency="newest"))
+    model = models.build("bilinear_recency", _config("bilinear_recency"))
+    assert tuple(model.recency_logits.shape) == (HISTORY,)
+    assert tuple(models.build("bilinear_recency", _config("bilinear_recency", recency="time_gap"))
+                 .recency_logits.shape) == (F.NUM_TIME_GAP_BUCKETS,)

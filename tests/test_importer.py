@@ -43,10 +43,10 @@ def _groups(output):
     return groups
 
 
-def _run(tmp_path, rows, negatives=2, seed=0, out="out.jsonl", window=10_000):
+def _run(tmp_path, rows, negatives=2, seed=0, out="out.jsonl", window=10_000, sampling=importer.POPULARITY):
     path = _csv(tmp_path, rows)
     output = str(tmp_path / out)
-    config = importer.ImportConfig(negatives=negatives, seed=seed, popularity_window=window)
+    config = importer.ImportConfig(negatives=negatives, seed=seed, popularity_window=window, negative_sampling=sampling)
     summary = importer.import_interactions([path], output, config)
     return summary, output
 
@@ -113,7 +113,8 @@ def _mixed_rows():
 def test_negatives_unseen_same_domain_same_ts(tmp_path):
     rows = _mixed_rows()
     # Domain z has 5 items: "zseed" clicks z0..z2 first, "zfan" z3 and z4; then "heavy" clicks
-    # z0..z2 at one ts, so only z3 and z4 are eligible for K=3.
+    # z0..z2 at one ts, so only z3 and z4 are eligible for K=3, once each over the three clicks
+    # (a second (ts, heavy, z3) non-click would be the same record again).
     rows += [("zseed", f"z{i}", "z", 5000 + i) for i in range(3)]
     rows += [("zfan", "z3", "z", 5003), ("zfan", "z4", "z", 5004)]
     rows += [("heavy", f"z{i}", "z", 5005) for i in range(3)]
@@ -127,6 +128,7 @@ def test_negatives_unseen_same_domain_same_ts(tmp_path):
     shortfall = 0
     groups = _groups(_read_jsonl(output))
     assert len(groups) == len(rows)
+    heavy = []
     for click, negs in groups:
         user, domain, ts = click[F.LOG_USER_ID], click[F.LOG_DOMAIN], click[F.LOG_TS]
         # The window holds every earlier click here (W = 10,000), so the eligible items are the
@@ -135,28 +137,30 @@ def test_negatives_unseen_same_domain_same_ts(tmp_path):
         items = [n[F.LOG_ITEM_ID] for n in negs]
         assert len(set(items)) == len(items)  # without replacement
         assert set(items) <= eligible
-        assert len(items) == min(3, len(eligible))
-        shortfall += 3 - len(items)
         if user == "heavy":
-            assert sorted(items) == ["z3", "z4"]
+            heavy += items
+        else:  # no one else has two clicks at one ts in one domain
+            assert len(items) == min(3, len(eligible))
+        shortfall += 3 - len(items)
         if user == "zfan":
             assert sorted(items) == ["z0", "z1", "z2"]
         for n in negs:
             assert (n[F.LOG_TS], n[F.LOG_USER_ID], n[F.LOG_DOMAIN]) == (ts, user, domain)
             assert item_domain[n[F.LOG_ITEM_ID]] == domain
-    assert shortfall >= 3 + 3  # the heavy user's 3 clicks get 2 of 3; zseed's get 0, 1, 2
+    assert sorted(heavy) == ["z3", "z4"]
+    assert shortfall >= 7 + 9  # the heavy user's 3 clicks get 2 of 9; zseed's 3 none (only its own came earlier)
     assert summary["negative_shortfall"] == shortfall
     assert summary["negatives"] == 3 * len(rows) - shortfall
 
 
 def _popularity_rows():
-    # Domain p: "hot" has 900 interactions (one fan), "rare" 10 (one user), 90 filler items 1
-    # each (90 users), all before the 90 probe users, who each click an item of their own at
-    # one later ts (so they do not see each other's). The fan clicks "hot" again last.
-    rows = [("fan", "hot", "p", 1)] * 900 + [("rarefan", "rare", "p", 2)] * 10
-    rows += [(f"filler{j}", f"f{j}", "p", 3) for j in range(90)]
-    rows += [(f"probe{j}", f"q{j}", "p", 4) for j in range(90)]
-    rows += [("fan", "hot", "p", 5)] * 900
+    # Domain p: "hot" has 900 interactions (one fan, one per ts), "rare" 10 (one user), 90 filler
+    # items 1 each (90 users), all before the 90 probe users, who each click an item of their own
+    # at one later ts (so they do not see each other's). The fan clicks "hot" 900 times again last.
+    rows = [("fan", "hot", "p", 1 + j) for j in range(900)] + [("rarefan", "rare", "p", 1001 + j) for j in range(10)]
+    rows += [(f"filler{j}", f"f{j}", "p", 1100) for j in range(90)]
+    rows += [(f"probe{j}", f"q{j}", "p", 1200) for j in range(90)]
+    rows += [("fan", "hot", "p", 1300 + j) for j in range(900)]
     return rows
 
 
@@ -164,7 +168,7 @@ def test_negatives_follow_popularity(tmp_path):
     summary, output = _run(tmp_path, _popularity_rows(), negatives=1)
     drawn = collections.defaultdict(collections.Counter)
     for click, negs in _groups(_read_jsonl(output)):
-        if click[F.LOG_TS] >= 4:
+        if click[F.LOG_TS] >= 1200:
             drawn[click[F.LOG_USER_ID].rstrip("0123456789")].update(n[F.LOG_ITEM_ID] for n in negs)
     # Probe users: P(hot) = 900/1000, P(rare) = 10/1000; expected about 81 vs 1 of 90 draws.
     assert drawn["probe"]["hot"] >= 10 * max(drawn["probe"]["rare"], 1)
@@ -178,7 +182,8 @@ def test_negatives_follow_popularity(tmp_path):
     fillers = [n for item, n in drawn["fan"].items() if item != "rare"]
     assert drawn["fan"]["rare"] >= 4 * sum(fillers) / 180
     assert sum(drawn["fan"].values()) == 900
-    # Shortfall: the fan's first 900 clicks see an empty window; rarefan's 10 see only "hot".
+    # Shortfall: the fan's first 900 clicks see an empty window or only "hot", its own; rarefan's
+    # 10 see "hot" (and "rare", its own).
     assert summary["negative_shortfall"] == 900 and summary["negative_topups"] == 0
 
 
@@ -251,6 +256,79 @@ def test_top_ups_skip_the_users_items(tmp_path):
     first, *_ = _negatives_by_user(output)["collector"]
     assert first[0] == "last" and len(first) == 3
     assert len(set(first[1:])) == 2 and set(first[1:]) <= {"e27", "e28", "e29"}
+
+
+# A user's three clicks at one ts in domain s, where six items (x0..x5, clicked earlier by
+# others) are eligible: with K=2 the three clicks' six negatives must be x0..x5, each once.
+SAME_TS = [(f"other{j}", f"x{j}", "s", 1 + j) for j in range(6)] + [("u", f"y{j}", "s", 10) for j in range(3)]
+
+
+@pytest.mark.parametrize("sampling", importer.NEGATIVE_SAMPLING)
+@pytest.mark.parametrize("seed", range(4))
+def test_no_duplicate_negatives_across_a_users_same_ts_clicks(tmp_path, sampling, seed):
+    # A non-click is the record (ts, user, domain, item, 0): the same item drawn for two of the
+    # user's clicks at one ts would be one record twice, which the ingestion drops, leaving a
+    # click with fewer than K negatives. Drawn independently, the three pairs would all be
+    # disjoint with probability (15 * 6 * 1) / 15^3 = 2.7% per seed.
+    rows = SAME_TS + ([("late", "x9", "s", 20)] if sampling == importer.UNIFORM else [])
+    summary, output = _run(tmp_path, rows, negatives=2, seed=seed, sampling=sampling)
+    records_out = _read_jsonl(output)
+    assert len({json.dumps(r, sort_keys=True) for r in records_out}) == len(records_out)
+    drawn = _negatives_by_user(output)["u"]
+    assert [len(picks) for picks in drawn] == [2, 2, 2]
+    # Popularity: the items clicked before ts 10. Uniform: the domain's whole catalogue but the
+    # user's items, so "x9" (clicked later) is eligible too and one of the seven is left out.
+    eligible = {f"x{j}" for j in range(6)} | ({"x9"} if sampling == importer.UNIFORM else set())
+    flat = [item for picks in drawn for item in picks]
+    assert len(set(flat)) == 6 and set(flat) <= eligible
+    assert summary["negative_sampling"] == sampling
+
+
+def test_exact_duplicate_rows_are_one_interaction(tmp_path):
+    # The same (user, item, domain, ts) twice is one click: two would be a duplicate click
+    # record (dropped by the ingestion) and leave 2K negatives for one click.
+    rows = FORCED[:3] + [FORCED[2], ("u3", "a3", "a", 31)]  # a repeat of u3-a3 at 30, and one at 31
+    summary, output = _run(tmp_path, rows, negatives=2)
+    groups = _groups(_read_jsonl(output))
+    assert [(c[F.LOG_USER_ID], c[F.LOG_ITEM_ID], c[F.LOG_TS]) for c, _ in groups] == [
+        ("u1", "a1", 10), ("u2", "a2", 20), ("u3", "a3", 30), ("u3", "a3", 31)]
+    assert summary["duplicate_interactions"] == 1 and summary["interactions"] == 4
+    assert [sorted(n[F.LOG_ITEM_ID] for n in negs) for _, negs in groups] == [[], ["a1"], ["a1", "a2"], ["a1", "a2"]]
+
+
+def test_uniform_negatives_cover_the_catalogue_uniformly(tmp_path):
+    # Domain c has 21 items: "c0" is the probes' own item; c1..c20 are clicked by one user each,
+    # half of them AFTER the probes. Uniform sampling ignores time and popularity: every probe
+    # gets K=2 distinct items of c1..c20, each item about 2 * 1000 / 20 = 100 times. Domain d's
+    # items are never drawn for c.
+    rows = [(f"early{j}", f"c{j}", "c", 1 + j) for j in range(1, 11)]
+    rows += [(f"hot{j}", "c1", "c", 15) for j in range(50)]  # popular, but not more likely
+    rows += [(f"probe{j}", "c0", "c", 20) for j in range(1000)]
+    rows += [(f"late{j}", f"c{j}", "c", 30 + j) for j in range(11, 21)]
+    rows += [("dd", "d1", "d", 5), ("dd", "d2", "d", 6)]
+    summary, output = _run(tmp_path, rows, negatives=2, seed=3, sampling=importer.UNIFORM)
+    drawn = collections.Counter()
+    for user, negatives in _negatives_by_user(output).items():
+        if user.startswith("probe"):
+            ((first, second),) = negatives
+            assert first != second
+            drawn.update([first, second])
+    assert set(drawn) == {f"c{j}" for j in range(1, 21)}
+    # Chi-square against uniform (expected 100 each, 19 degrees of freedom): 43.8 is p = 0.001.
+    assert sum((n - 100) ** 2 / 100 for n in drawn.values()) < 43.8
+    # Only "dd" holds all of d: its two clicks have nothing to draw. Nobody else falls short.
+    assert summary["negative_shortfall"] == 4 and summary["negative_topups"] == 0
+    assert summary["negative_sampling"] == importer.UNIFORM
+
+
+def test_uniform_exact_fallback_for_a_user_holding_most_of_the_domain(tmp_path):
+    # "big" clicked 198 of the domain's 200 items: rejection draws nearly always hit its own
+    # items, so the exact path must find the two left, for each of its clicks at distinct ts.
+    rows = [("big", f"i{j}", "e", 1 + j) for j in range(198)] + [("small", "i198", "e", 500), ("small", "i199", "e", 501)]
+    summary, output = _run(tmp_path, rows, negatives=2, sampling=importer.UNIFORM)
+    drawn = _negatives_by_user(output)
+    assert all(sorted(picks) == ["i198", "i199"] for picks in drawn["big"])
+    assert summary["negative_shortfall"] == 0
 
 
 def test_fenwick_find_and_proportional_draws():
@@ -328,7 +406,9 @@ def test_click_rates_stay_stationary_under_drift(tmp_path):
     assert _second_half_auc_of_first_half_ctr(_all_time_reference(rows, k=4)) < 0.4  # about 0.25
     summary, output = _run(tmp_path, rows, negatives=4, window=200)
     assert _second_half_auc_of_first_half_ctr(_read_jsonl(output)) >= 0.45  # about 0.48
-    assert summary["negative_shortfall"] < 20  # only the first ts groups
+    # Only the first ts groups: each user's two same-ts clicks need 8 distinct items, from the
+    # few seen so far (42 of 16,000 here).
+    assert summary["negative_shortfall"] < 60
 
 
 def test_deterministic_for_a_seed(tmp_path):
@@ -413,6 +493,8 @@ def test_columns_by_name_and_multiple_files(tmp_path):
     ({"negatives": 1.5}, "`negatives` must be an integer. Received: negatives=1.5"),
     ({"popularity_window": 0}, "`popularity_window` must be > 0. Received: popularity_window=0"),
     ({"popularity_window": 10.0}, "`popularity_window` must be an integer. Received: popularity_window=10.0"),
+    ({"negative_sampling": "random"},
+     "`negative_sampling` must be one of ['popularity', 'uniform']. Received: negative_sampling='random'"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError) as info:
@@ -434,16 +516,19 @@ def test_real_five_domains(tmp_path):
             first_ts[item] = min(ts, first_ts.get(item, ts))
     domains = set(item_domain.values())
     assert len(domains) == 5
-    assert summary["interactions"] == 16123 and summary["bad_rows"] == 0
-    assert summary["impressions"] == 16123 * 5 - summary["negative_shortfall"]
-    assert summary["negative_shortfall"] < 16123 * 4 // 100  # only near each domain's start
+    # The file has 337 exact duplicate rows (same user, item, domain, ts as an earlier row).
+    assert summary["interactions"] == 16123 - 337 and summary["duplicate_interactions"] == 337
+    assert summary["bad_rows"] == 0
+    assert summary["impressions"] == 15786 * 5 - summary["negative_shortfall"]
+    assert summary["negative_shortfall"] < 15786 * 4 // 100  # only near each domain's start
     assert summary["negative_topups"] <= summary["negatives"]
     assert summary["users"] == 500 and sum(summary["items"].values()) == 14853
     out = _read_jsonl(output)
     assert len(out) == summary["impressions"]
     assert {r[F.LOG_DOMAIN] for r in out} == domains
     groups = _groups(out)
-    assert len(groups) == 16123
+    assert len(groups) == 15786
+    assert len({tuple(sorted(r.items())) for r in out}) == len(out)  # no record twice
     for click, negs in groups:
         user = click[F.LOG_USER_ID]
         items = [n[F.LOG_ITEM_ID] for n in negs]

@@ -202,6 +202,19 @@ def test_compare_reads_benchmark_train_json(tmp_path):
     assert lines[3] == "| man | 0, 1 | 0.7100 ± 0.0141 | 0.6100 ± 0.0141 | 0.4000 ± 0.0000 | 1.0000 ± 0.0000 |"
 
 
+def test_compare_reads_seeds_of_one_multi_seed_benchmark_json(tmp_path):
+    def quality(auc):
+        s = {"examples": 10, "auc": auc, "gauc": auc, "gauc_users": 3, "gauc_users_skipped": 0,
+             "log_loss": 0.5, "calibration": 1.0}
+        return {"overall": s}
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"data": {"seeds": [0, 1, 2]}, "results": [
+        {"model": "dnn_multi", "seed": seed, "quality": quality(auc)} for seed, auc in ((0, 0.6), (1, 0.62), (2, 0.64))]}))
+    lines = report.compare([str(path)], str(tmp_path / "t.md"), ["overall"]).splitlines()
+    # mean 0.62, sample std 0.02
+    assert lines[2] == "| dnn_multi | 0, 1, 2 | 0.6200 ± 0.0200 | 0.6200 ± 0.0200 | 0.5000 ± 0.0000 | 1.0000 ± 0.0000 |"
+
+
 def test_compare_errors_are_one_line(tmp_path):
     a = _write_run(tmp_path / "a", "dacdr", 0, 0.7, 0.6)
     b = _write_run(tmp_path / "b", "dacdr", 0, 0.7, 0.6)

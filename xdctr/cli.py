@@ -70,11 +70,21 @@ def _cmd_import_interactions(args) -> int:
 
     paths = [path for pattern in args.input for path in sorted(glob.glob(_require_input(pattern)))]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    summary = importer.import_interactions(paths, args.out, importer.ImportConfig(negatives=args.negatives, seed=args.seed,
-                                                                                  popularity_window=args.popularity_window))
+    sampling = args.negative_sampling or (importer.UNIFORM if args.leave_one_out else importer.POPULARITY)
+    config = importer.ImportConfig(negatives=args.negatives, seed=args.seed, popularity_window=args.popularity_window,
+                                   negative_sampling=sampling)
+    if args.leave_one_out:
+        from components.evaluation import ranking
+
+        summary = ranking.import_train_part(paths, args.out, config)
+        print(f"leave-one-out train part (each user's last two interactions held out, ties in file order): "
+              f"{summary['train_csv']}")
+    else:
+        summary = importer.import_interactions(paths, args.out, config)
     dead = ", ".join(f"{r}={n}" for r, n in sorted(summary["dead_letter"].items())) or "none"
-    print(f"{summary['interactions']} interactions of {summary['users']} users -> {summary['impressions']} impressions "
-          f"({summary['negatives']} sampled non-clicks, {summary['negative_topups']} topped up, "
+    print(f"{summary['interactions']} interactions of {summary['users']} users "
+          f"({summary['duplicate_interactions']} exact duplicate rows dropped) -> {summary['impressions']} impressions "
+          f"({summary['negatives']} {config.negative_sampling} non-clicks, {summary['negative_topups']} topped up, "
           f"shortfall {summary['negative_shortfall']}); "
           f"rejected rows: {dead}; output: {args.out}")
     return 0
@@ -200,26 +210,48 @@ def _cmd_benchmark_ingest(args) -> int:
     return 0
 
 
-def _cmd_benchmark_train(args) -> int:
+def _benchmark_models(args) -> tuple:
+    """(model names, config overrides) of a training benchmark's flags, checked."""
     import models
-    from benchmarks import train
+    from models import config as config_lib
 
     names = args.models or models.names()
     unknown = sorted(set(names) - set(models.names()))
     if unknown:
         raise UsageError(f"unknown model(s) {unknown}; known: {models.names()}")
-    if args.examples and not os.path.isfile(os.path.join(args.examples, "summary.json")):
-        raise UsageError(f"{args.examples} is not an ingestion output (no summary.json)")
-    from models import config as config_lib
-
     try:
         overrides = config_lib.parse_assignments(args.set or [])
         for name in names:
             models.resolve_config(name, overrides)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    if args.early_stopping_patience < 1:
+        raise UsageError(f"--early-stopping-patience must be >= 1, got {args.early_stopping_patience}")
+    return names, overrides
+
+
+def _cmd_benchmark_train(args) -> int:
+    from benchmarks import train
+
+    names, overrides = _benchmark_models(args)
+    if args.examples and not os.path.isfile(os.path.join(args.examples, "summary.json")):
+        raise UsageError(f"{args.examples} is not an ingestion output (no summary.json)")
+    if args.seed is not None and args.seeds:
+        raise UsageError("give --seeds or --seed, not both")
+    seeds = args.seeds or [0 if args.seed is None else args.seed]
     train.run(names, args.workdir, args.out, users=args.users, epochs=args.epochs, batch_size=args.batch_size,
-              seed=args.seed, examples=args.examples, overrides=overrides)
+              seeds=seeds, examples=args.examples, overrides=overrides, patience=args.early_stopping_patience,
+              data_seed=args.data_seed)
+    return 0
+
+
+def _cmd_benchmark_quality(args) -> int:
+    from benchmarks import quality
+
+    names, overrides = _benchmark_models(args)
+    quality.run(names, args.workdir, args.out, args.markdown, sets=args.sets, seeds=args.seeds, users=args.users,
+                epochs=args.epochs, patience=args.early_stopping_patience, batch_size=args.batch_size,
+                max_users=args.max_users, overrides=overrides, baselines=not args.no_references)
     return 0
 
 
@@ -300,6 +332,12 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--negatives", type=int, default=4, help="non-clicked impressions sampled per interaction (K)")
     p.add_argument("--popularity-window", type=int, default=1_000,
                    help="negatives are drawn by popularity among the domain's last W interactions before the click")
+    p.add_argument("--negative-sampling", choices=["popularity", "uniform"],
+                   help="popularity: by popularity in the trailing window (time-split AUC protocol; the default); "
+                        "uniform: uniformly from the domain's whole catalogue (the default with --leave-one-out)")
+    p.add_argument("--leave-one-out", action="store_true",
+                   help="import only the leave-one-out protocol's train part: per user all but the last two "
+                        "interactions, ties in file order (see xdctr evaluate --protocol leave-one-out)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the negative sampling")
     p.set_defaults(func=_cmd_import_interactions)
 
@@ -362,14 +400,39 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--models", nargs="+", help="registered model names (default: all)")
     b.add_argument("--users", type=int, default=2000, help="users of the generated log")
     b.add_argument("--examples", default="", help="an ingestion output to train on instead (e.g. imported real data)")
-    b.add_argument("--epochs", type=int, default=2, help="passes over the train split")
+    b.add_argument("--epochs", type=int, default=10, help="most epochs a run trains (early stopping ends it sooner)")
+    b.add_argument("--early-stopping-patience", type=int, default=1,
+                   help="epochs without a lower validation loss before a run stops (best weights restored)")
     b.add_argument("--batch-size", type=int, default=256, help="training batch size")
-    b.add_argument("--seed", type=int, default=0, help="seed of the generated log and of training")
+    b.add_argument("--seeds", type=int, nargs="+", help="training seeds; the table gives mean ± std over them (default: 0)")
+    b.add_argument("--seed", type=int, help="one training seed (the same as --seeds N)")
+    b.add_argument("--data-seed", type=int, default=0, help="seed of the generated log")
     b.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="model config override for every model (an ablation); the run is named model[KEY=VALUE,...]")
     b.add_argument("--workdir", default="outputs/benchmark/train", help="generated log, examples and models")
     b.add_argument("--out", default="outputs/benchmark/train.json", help="JSON results")
     b.set_defaults(func=_cmd_benchmark_train)
+
+    b = bsub.add_parser("quality", help="every model on generated logs, food-kitchen (AUC and leave-one-out) and "
+                                        "five-domains, over seeds, with early stopping: one Markdown table + JSON")
+    b.add_argument("--sets", nargs="+", choices=["generated", "food-kitchen", "five-domains", "food-kitchen-loo"],
+                   default=["generated", "food-kitchen", "five-domains", "food-kitchen-loo"], help="data sets to run")
+    b.add_argument("--models", nargs="+", help="registered model names (default: all)")
+    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (mean ± std over them)")
+    b.add_argument("--users", type=int, default=20_000, help="users of the generated log")
+    b.add_argument("--epochs", type=int, default=10, help="most epochs a run trains (early stopping ends it sooner)")
+    b.add_argument("--early-stopping-patience", type=int, default=1,
+                   help="epochs without a lower validation loss before a run stops (best weights restored)")
+    b.add_argument("--batch-size", type=int, default=256, help="training batch size")
+    b.add_argument("--max-users", type=int, help="leave-one-out: rank only the first N users' test cases (quick checks)")
+    b.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="config override for every model, e.g. inputs.item_buckets=262144 (runs are named model[...])")
+    b.add_argument("--no-references", action="store_true",
+                   help="leave-one-out: skip the popularity and random reference rankings")
+    b.add_argument("--workdir", default="outputs/benchmark/quality", help="data, examples and models of the runs")
+    b.add_argument("--out", default="outputs/benchmark/quality.json", help="JSON results")
+    b.add_argument("--markdown", default="outputs/benchmark/quality.md", help="the Markdown table")
+    b.set_defaults(func=_cmd_benchmark_quality)
     if command == "benchmark":  # its flags come from a module that starts TensorFlow services lazily
         from benchmarks import serve as serve_benchmark
 

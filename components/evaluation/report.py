@@ -27,7 +27,7 @@ An empty slice is kept with `examples: 0` and every metric null.
 
 `compare` reads several runs (a `metrics.json`, a directory holding one, or the JSON written by
 `xdctr benchmark train`, whose every result with a `quality` dict is a run named after its model,
-with the benchmark's data seed) and writes a Markdown table: one row per run name, in order of
+with the result's `seed`, else the file's) and writes a Markdown table: one row per run name, in order of
 first appearance; columns `seeds`, then `AUC <slice>` and `GAUC <slice>` per chosen slice, then
 `log loss` and `calibration` of the `overall` slice. Runs that share a name are the same model
 with different seeds: the cell is `mean ± std` (sample standard deviation, n - 1) over them, to 4
@@ -381,17 +381,34 @@ def evaluate(model_dir: str, examples: str, out_dir: str, name: Optional[str] = 
     return result
 
 
+PROTOCOLS = ("auc", "leave-one-out")
+
+
 def add_evaluate_arguments(parser) -> None:
-    parser.add_argument("--model-dir", required=True, help="an exported xdctr SavedModel (a version directory)")
-    parser.add_argument("--examples", required=True, help="gzip TFRecord file pattern of the ingestion, e.g. 'out/Split-eval/*.gz'")
-    parser.add_argument("--out-dir", required=True, help=f"where {METRICS_FILE}, {REPORT_FILE} and the PNG plots go")
+    from components.evaluation import ranking
+
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="auc",
+                        help="auc: AUC/GAUC per slice on an ingestion split (default); leave-one-out: HR@k, NDCG@10, "
+                             "MRR of each user's last interaction against sampled items (components/evaluation/ranking.py)")
+    parser.add_argument("--model-dir", help="an exported xdctr SavedModel (a version directory)")
+    parser.add_argument("--examples", help="auc: gzip TFRecord file pattern of the ingestion, e.g. 'out/Split-eval/*.gz'")
+    parser.add_argument("--out-dir", required=True,
+                        help=f"where {METRICS_FILE}, {REPORT_FILE} and the PNG plots go ({ranking.RESULT_FILE} and "
+                             f"{ranking.MARKDOWN_FILE} for leave-one-out)")
     parser.add_argument("--name", help="run name (default: the model name in the export's model_config.json)")
     parser.add_argument("--seed", type=int, help="the training seed, recorded so `xdctr compare` can average seeds")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="examples scored per call")
+    ranking.add_arguments(parser)
 
 
 def run_evaluate(args) -> int:
     """The `xdctr evaluate` command: prints progress on stderr, a per-slice summary and the files written."""
+    if getattr(args, "protocol", "auc") == "leave-one-out":
+        from components.evaluation import ranking
+
+        return ranking.run_from_args(args)
+    if not args.model_dir or not args.examples:
+        raise ValueError("--protocol auc needs --model-dir and --examples")
     def progress(scored):
         print(f"\rscored {scored} examples", end="", file=sys.stderr, flush=True)
 
@@ -428,8 +445,8 @@ def load_runs(path: str) -> List[dict]:
         return [{"name": str(content.get("run") or os.path.basename(os.path.dirname(os.path.abspath(file)))),
                  "seed": content.get("seed"), "slices": content["slices"], "source": file}]
     if isinstance(content, dict) and isinstance(content.get("results"), list):
-        seed = (content.get("data") or {}).get("seed")
-        runs = [{"name": str(r["model"]), "seed": seed, "slices": r["quality"], "source": file}
+        seed = (content.get("data") or {}).get("seed")  # one seed for the whole file (older benchmark JSONs)
+        runs = [{"name": str(r["model"]), "seed": r.get("seed", seed), "slices": r["quality"], "source": file}
                 for r in content["results"] if isinstance(r, dict) and isinstance(r.get("quality"), dict) and "model" in r]
         if runs:
             return runs
@@ -446,7 +463,9 @@ def default_slices(runs: Sequence[dict]) -> List[str]:
     return [s for s in (OVERALL, *domains, COLD_START) if s in seen]
 
 
-def _cell(values: List[Optional[float]]) -> str:
+def mean_std_cell(values: List[Optional[float]]) -> str:
+    """A table cell of one metric over runs: the value, or `mean ± std` (sample std), `(k/n)` when
+    only k of the n runs have it, `n/a` when none has."""
     present = [v for v in values if v is not None]
     if not present:
         return "n/a"
@@ -484,9 +503,10 @@ def compare_table(runs: Sequence[dict], slices: Optional[Sequence[str]] = None) 
         seeds = ", ".join(str(r["seed"]) for r in group if r["seed"] is not None) or "—"
         cells = [name, seeds]
         for s in slices:
-            cells += [_cell([value(r, s, "auc") for r in group]), _cell([value(r, s, "gauc") for r in group])]
-        cells += [_cell([value(r, OVERALL, "log_loss") for r in group]),
-                  _cell([value(r, OVERALL, "calibration") for r in group])]
+            cells += [mean_std_cell([value(r, s, "auc") for r in group]),
+                      mean_std_cell([value(r, s, "gauc") for r in group])]
+        cells += [mean_std_cell([value(r, OVERALL, "log_loss") for r in group]),
+                  mean_std_cell([value(r, OVERALL, "calibration") for r in group])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1,23 +1,38 @@
 """Real implicit-feedback interactions -> impression logs with sampled non-clicks.
 
 Input: CSV files with a header naming at least `user_id,item_id,domain,ts` (ts in epoch seconds;
-the format of `shared/data/*/interactions.csv`). The protocol of the MAN and DASL papers, with
-popularity taken at the interaction's time:
+the format of `shared/data/*/interactions.csv`). The data has no impressions, so non-clicks are
+sampled. Neither the MAN nor the DASL paper says how their Amazon negatives were made (MAN
+speaks of "positive and negative samples", DASL of binarised ratings), so the protocol below is
+this project's choice, not theirs:
 
-  - every interaction becomes a clicked impression (clicked=1) at its time;
+  - every interaction becomes a clicked impression (clicked=1) at its time; an exact duplicate
+    row (same user, item, domain and ts as an earlier one) is dropped and counted
+    (`duplicate_interactions`): it would be a duplicate click record, which the ingestion drops,
+    leaving its negatives without their click;
   - K non-clicked impressions (clicked=0) are added at the same ts, of items of the same domain
-    that the user never interacted with (in any row of the input), without replacement within
-    one interaction's K negatives;
-  - they are drawn by popularity AT THAT TIME: probability proportional to the item's count
-    among the last W interactions of the domain (`popularity_window`, default 1,000) that are
-    strictly before the interaction's timestamp. Interactions sharing a timestamp do not see
-    each other (the ingestion's rule for histories); among earlier ones "last" follows
-    (ts, input order). Eligible: the items with a count > 0 in that window;
-  - when fewer than K items are eligible, all of them are taken and the rest is topped up
-    uniformly from the domain's items seen so far (strictly before the timestamp) that are not
-    in the window, counted as `negative_topups`; when those run out too, the shortfall is
-    counted (`negative_shortfall`). So a domain's very first timestamp has no negatives, the
-    ones right after draw from the few items seen so far.
+    that the user never interacted with (in any row of the input). They are distinct within one
+    interaction's K AND across the user's interactions that share its timestamp: a negative is
+    the record (ts, user, domain, item, 0), so the same item drawn twice for one user at one ts
+    would be the same record twice (6,528 such duplicates on amazon-food-kitchen before this
+    rule), which the ingestion drops as a duplicate. So every interaction has exactly K
+    negatives, up to the `negative_shortfall` below;
+  - `negative_sampling="popularity"` (the default): drawn by popularity AT THAT TIME:
+    probability proportional to the item's count among the last W interactions of the domain
+    (`popularity_window`, default 1,000) that are strictly before the interaction's timestamp.
+    Interactions sharing a timestamp do not see each other (the ingestion's rule for histories);
+    among earlier ones "last" follows (ts, input order). Eligible: the items with a count > 0 in
+    that window. When fewer than K items are eligible, all of them are taken and the rest is
+    topped up uniformly from the domain's items seen so far (strictly before the timestamp) that
+    are not in the window, counted as `negative_topups`; when those run out too, the shortfall
+    is counted (`negative_shortfall`). So a domain's very first timestamp has no negatives, the
+    ones right after draw from the few items seen so far;
+  - `negative_sampling="uniform"`: drawn uniformly from ALL the domain's items in the input
+    (the whole catalogue, whatever their time), the sampling of the leave-one-out ranking
+    protocol (`components/evaluation/ranking.py`), whose candidates are uniform too. It does not
+    look at time, so on a time split an item that only appears late gets non-clicks before its
+    first click: fine for training a ranker, not for the time-split AUC protocol (measured in
+    the README). Shortfall only when the user holds nearly the whole domain.
 
 Why not all-time popularity: with popularity counted over the whole data set, an item popular
 in early years gets its clicks early but its sampled non-clicks spread over all years, so its
@@ -46,13 +61,19 @@ input order. Memory is O(interactions x K): the encoded rows (user, item, ts), e
 of interacted items, the sampled negatives of every row, plus O(users + items) tables and the
 windows (O(W) per domain).
 
-Sampling: per domain, a deque of the window's interactions and a Fenwick tree (binary indexed
+Popularity sampling: per domain, a deque of the window's interactions and a Fenwick tree (binary indexed
 tree) of the window counts over the domain's items, updated +1 / -1 as interactions enter and
 leave the window, so a draw proportional to the counts is one O(log items) descent. Draws that
 hit the user's items or an item already drawn are rejected and redrawn, which is exactly
 sequential sampling without replacement; after a few rejections the user's items and the drawn
 ones are taken out of the tree for the remaining draws (and put back after), so a user who holds
 most of the window's popularity costs O(user's items x log items), not an unbounded loop.
+Uniform sampling: rejection draws from the domain's item list, with the same exact fallback
+(a partial Fisher-Yates shuffle of the eligible items) after a few rejections.
+
+Exactness across a timestamp: while one timestamp group is sampled, each user's picks so far in
+the group are added to the user's excluded items (and taken out after the group), so later
+interactions of the group cannot draw them again.
 """
 
 from __future__ import annotations
@@ -79,6 +100,8 @@ REQUIRED_COLUMNS = (F.LOG_USER_ID, F.LOG_ITEM_ID, F.LOG_DOMAIN, F.LOG_TS)
 DEAD_LETTER_SUFFIX = ".dead_letter.jsonl"
 PROGRESS_EVERY = 100_000
 _CHUNK = 8192  # interactions whose records are written in one batch
+POPULARITY, UNIFORM = "popularity", "uniform"
+NEGATIVE_SAMPLING = (POPULARITY, UNIFORM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +113,19 @@ class ImportConfig:
       seed: seed of the negative sampling; same input and seed give identical output.
       popularity_window: W, the number of the domain's latest interactions (strictly before an
         interaction's timestamp) whose item counts give the popularity its negatives are drawn by.
+      negative_sampling: "popularity" (by popularity in the trailing window) or "uniform"
+        (uniformly from the domain's whole catalogue); see the module docstring.
     """
 
     negatives: int = 4
     seed: int = 0
     popularity_window: int = 1_000
+    negative_sampling: str = POPULARITY
 
     def __post_init__(self):
+        if self.negative_sampling not in NEGATIVE_SAMPLING:
+            raise ValueError(f"`negative_sampling` must be one of {list(NEGATIVE_SAMPLING)}. "
+                             f"Received: negative_sampling={self.negative_sampling!r}")
         for name, lowest in (("negatives", 0), ("seed", 0), ("popularity_window", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -134,6 +163,8 @@ class _Interactions:
         self.row_item: list = []
         self.row_ts: list = []
         self.user_items: list = []  # user code -> set of item codes the user interacted with
+        self.seen_rows: set = set()  # (user, item, ts) of the rows kept, to drop exact duplicates
+        self.duplicates = 0  # exact duplicate rows dropped
 
 
 def _split(text: str) -> list:
@@ -225,10 +256,15 @@ def _read(paths: list, dead_out, dead_counts: collections.Counter) -> _Interacti
                 u = data.users.code(user)
                 if u == len(data.user_items):
                     data.user_items.append(set())
+                if (u, i, ts) in data.seen_rows:
+                    data.duplicates += 1  # the same click again: one impression, not two
+                    continue
+                data.seen_rows.add((u, i, ts))
                 data.user_items[u].add(i)
                 data.row_user.append(u)
                 data.row_item.append(i)
                 data.row_ts.append(ts)
+    data.seen_rows = set()  # only needed while reading
     return data
 
 
@@ -303,8 +339,10 @@ class _Window:
             tree.add(old, -1)
 
 
-class _Sampler:
-    """Negatives by popularity in a trailing window; `draw` before `push` within a ts group."""
+class _SamplerBase:
+    """What both samplers hold: K, the rejection budget, the seeded uniforms and each domain's
+    item codes (in first-seen order). `draw(user, item)` -> (negatives, top-ups) before
+    `push(item)` within a ts group."""
 
     def __init__(self, data: _Interactions, config: ImportConfig):
         self.data = data
@@ -316,6 +354,13 @@ class _Sampler:
         for d in data.item_domain:
             self.item_local.append(len(self.domain_items[d]))
             self.domain_items[d].append(len(self.item_local) - 1)
+
+
+class _Sampler(_SamplerBase):
+    """Negatives by popularity in a trailing window; `draw` before `push` within a ts group."""
+
+    def __init__(self, data: _Interactions, config: ImportConfig):
+        super().__init__(data, config)
         self.windows = [_Window(len(items), config.popularity_window) for items in self.domain_items]
         self.entered = bytearray(len(data.item_domain))  # item code -> 1 once in a window
 
@@ -380,14 +425,43 @@ class _Sampler:
                     return
         rest = [items[local] for local in seen if not counts[local]]
         rest = [c for c in rest if c not in excluded and c not in picks]
-        need = k - len(picks)
-        if len(rest) <= need:
-            picks.extend(rest)
-            return
-        for j in range(need):  # partial Fisher-Yates: a uniform draw without replacement
-            swap = j + below(len(rest) - j)
-            rest[j], rest[swap] = rest[swap], rest[j]
-        picks.extend(rest[:need])
+        picks.extend(_distinct_uniform(rest, k - len(picks), below))
+
+
+def _distinct_uniform(rest: list, need: int, below) -> list:
+    """`need` items of `rest` uniformly without replacement (a partial Fisher-Yates shuffle; all of
+    them when there are not more); `rest` is shuffled in place."""
+    if len(rest) <= need:
+        return list(rest)
+    for j in range(need):
+        swap = j + below(len(rest) - j)
+        rest[j], rest[swap] = rest[swap], rest[j]
+    return rest[:need]
+
+
+class _UniformSampler(_SamplerBase):
+    """Negatives uniformly from the domain's whole catalogue (every item of the domain in the
+    input), excluding the user's items; `push` is a no-op (time plays no part)."""
+
+    def push(self, item: int) -> None:
+        pass
+
+    def draw(self, user: int, item: int) -> tuple:
+        """(negatives as item codes, 0 top-ups) for one interaction."""
+        k, below = self.k, self.uniform.below
+        items, excluded = self.domain_items[self.data.item_domain[item]], self.data.user_items[user]
+        picks: list = []
+        for _ in range(self.tries):
+            candidate = items[below(len(items))]
+            if candidate not in excluded and candidate not in picks:
+                picks.append(candidate)
+                if len(picks) == k:
+                    return picks, 0
+        rest = [c for c in items if c not in excluded and c not in picks]
+        return picks + _distinct_uniform(rest, k - len(picks), below), 0
+
+
+_SAMPLERS = {POPULARITY: _Sampler, UNIFORM: _UniformSampler}
 
 
 def _sample(data: _Interactions, config: ImportConfig, started: float) -> tuple:
@@ -400,8 +474,8 @@ def _sample(data: _Interactions, config: ImportConfig, started: float) -> tuple:
     negatives: list = [()] * total
     if not config.negatives:
         return negatives, 0, 0
-    sampler = _Sampler(data, config)
-    row_user, row_item, row_ts = data.row_user, data.row_item, data.row_ts
+    sampler = _SAMPLERS[config.negative_sampling](data, config)
+    row_user, row_item, row_ts, user_items = data.row_user, data.row_item, data.row_ts, data.user_items
     order = sorted(range(total), key=row_ts.__getitem__)  # stable: ties keep the input order
     k = config.negatives
     topups = shortfall = 0
@@ -413,11 +487,20 @@ def _sample(data: _Interactions, config: ImportConfig, started: float) -> tuple:
         while stop < total and row_ts[order[stop]] == ts:
             stop += 1
         group = order[start:stop]
+        drawn_here = collections.defaultdict(list)  # user -> picks so far at this ts
         for row in group:
-            picks, topped = sampler.draw(row_user[row], row_item[row])
+            user = row_user[row]
+            picks, topped = sampler.draw(user, row_item[row])
             negatives[row] = picks
             topups += topped
             shortfall += k - len(picks)
+            if picks:
+                # The same (ts, user, item) non-click again would be a duplicate record: the
+                # user's later interactions at this ts draw around this one's picks.
+                user_items[user].update(picks)
+                drawn_here[user].extend(picks)
+        for user, picks in drawn_here.items():
+            user_items[user].difference_update(picks)  # negatives are never the user's own items
         for row in group:
             sampler.push(row_item[row])
         start = stop
@@ -462,6 +545,24 @@ def _write(data: _Interactions, negatives: list, out) -> int:
     return written
 
 
+def read_interactions(input_paths: list, dead_letter_path: str) -> tuple:
+    """Pass 1 on its own: (the good rows, encoded, exact duplicates dropped; Counter of dead
+    letters per reason). Rejected rows are written to `dead_letter_path`.
+
+    The result's `users`, `items`, `domains` are `_Table`s (`.names` in first-seen order),
+    `row_user`, `row_item`, `row_ts` the rows in input order, `item_domain` each item's domain
+    code, `user_items` each user's set of item codes.
+
+    Raises:
+      ValueError: an input's header lacks a required column (the message names file and column).
+    """
+    dead_counts: collections.Counter = collections.Counter()
+    with open(dead_letter_path, "w", encoding="utf-8", newline="\n") as dead_out:
+        _check_headers(list(input_paths), dead_out)
+        data = _read(list(input_paths), dead_out, dead_counts)
+    return data, dead_counts
+
+
 def import_interactions(input_paths: list, output_path: str, config: ImportConfig,
                         dead_letter_path: Optional[str] = None) -> dict:
     """Turns interaction CSVs into an impression log with sampled negatives.
@@ -470,12 +571,14 @@ def import_interactions(input_paths: list, output_path: str, config: ImportConfi
       input_paths: CSV files (header `user_id,item_id,domain,ts`, other columns ignored), read
         in the given order.
       output_path: JSON Lines output; gzip when it ends in .gz.
-      config: number of negatives per interaction, the sampling seed and the popularity window.
+      config: number of negatives per interaction, the sampling seed, the sampling
+        (popularity or uniform) and the popularity window.
       dead_letter_path: where rejected rows go as JSON lines (always written, possibly empty);
         default `<output_path>.dead_letter.jsonl`.
 
     Returns:
-      A summary: interactions (good rows), impressions (records written), clicks, negatives
+      A summary: interactions (good rows, exact duplicates dropped), duplicate_interactions
+      (exact duplicate rows dropped), negative_sampling, impressions (records written), clicks, negatives
       (all non-clicks written, top-ups included), negative_topups (non-clicks drawn uniformly
       from the items seen so far because fewer than K were in the window), negative_shortfall
       (missing non-clicks: K x interactions - negatives), popularity_window, users, items
@@ -491,10 +594,7 @@ def import_interactions(input_paths: list, output_path: str, config: ImportConfi
     output_path = str(output_path)
     dead_letter_path = str(dead_letter_path) if dead_letter_path else output_path + DEAD_LETTER_SUFFIX
     started = time.monotonic()
-    dead_counts: collections.Counter = collections.Counter()
-    with open(dead_letter_path, "w", encoding="utf-8", newline="\n") as dead_out:
-        _check_headers(input_paths, dead_out)
-        data = _read(input_paths, dead_out, dead_counts)
+    data, dead_counts = read_interactions(input_paths, dead_letter_path)
     logger.info("read %d interactions (%d users, %d items, %d domains, %d bad rows) from %d file(s)",
                 len(data.row_item), len(data.users.names), len(data.items.names), len(data.domains.names),
                 sum(dead_counts.values()), len(input_paths))
@@ -505,6 +605,8 @@ def import_interactions(input_paths: list, output_path: str, config: ImportConfi
     items_per_domain = collections.Counter(data.domains.names[d] for d in data.item_domain)
     summary = {
         "interactions": interactions,
+        "duplicate_interactions": data.duplicates,
+        "negative_sampling": config.negative_sampling,
         "impressions": interactions + written,
         "clicks": interactions,
         "negatives": written,
@@ -519,8 +621,9 @@ def import_interactions(input_paths: list, output_path: str, config: ImportConfi
         "dead_letter_path": dead_letter_path,
         "seconds": round(time.monotonic() - started, 3),
     }
-    logger.info("wrote %d impressions (%d clicks, %d negatives of which %d top-ups, shortfall %d; popularity "
-                "window %d) for %d users to %s in %.1fs; %d bad rows to %s", summary["impressions"], interactions,
-                written, topups, shortfall, config.popularity_window, summary["users"], output_path,
-                summary["seconds"], summary["bad_rows"], dead_letter_path)
+    logger.info("wrote %d impressions (%d clicks, %d exact duplicates dropped, %d %s negatives of which %d "
+                "top-ups, shortfall %d; popularity window %d) for %d users to %s in %.1fs; %d bad rows to %s",
+                summary["impressions"], interactions, data.duplicates, written, config.negative_sampling, topups,
+                shortfall, config.popularity_window, summary["users"], output_path, summary["seconds"],
+                summary["bad_rows"], dead_letter_path)
     return summary

@@ -1,0 +1,254 @@
+"""`xdctr benchmark quality`: every model on three sets, over seeds, with early stopping.
+
+Sets (`--sets`, all by default):
+
+- `generated`: a generated log (`--users`, 20,000 by default; data seed 0), time split; AUC, GAUC,
+  per domain and cold start, next to the oracle (the true click probability).
+- `food-kitchen`: amazon-food-kitchen imported with the default protocol (K=4 popularity
+  non-clicks in a 1,000-interaction window, seed 0), time split; AUC and GAUC as above.
+- `five-domains`: amazon-five-domains, the same way.
+- `food-kitchen-loo`: amazon-food-kitchen under the leave-one-out ranking protocol
+  (`components/evaluation/ranking.py`): the train part imported with K uniform non-clicks and
+  ingested (both of the ingestion's splits are training data here: the protocol's test cases are
+  held out before), each model trained, exported and ranked through `score_candidates` on the
+  test cases (999 seeded negatives); the `popularity` and `random` references; next to ABXI's
+  published numbers.
+
+Every model is trained for every seed (`--seeds`, 0 1 2) by `benchmarks.train.train_model`: the
+Trainer's validation holdout (10% of the training rows) and early stopping on its loss, best
+epoch restored, up to `--epochs`. Writes one Markdown file (`--markdown`) with a table per set
+and the targets of issue 12 with what was measured against them, and one JSON (`--out`) with
+every run. Each set's own output (the `benchmark train` JSON, the rankings) stays under
+`--workdir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from benchmarks import train
+from components.evaluation import ranking
+
+SETS = ("generated", "food-kitchen", "five-domains", "food-kitchen-loo")
+REAL_SETS = {"food-kitchen": "amazon-food-kitchen", "five-domains": "amazon-five-domains"}
+CROSS_DOMAIN = ("dacdr", "dasl", "man", "syncrec", "recguru")
+BASELINE = "dnn_multi"  # the multi-domain DNN the cross-domain models must beat in GAUC
+
+
+def _interactions(name: str) -> str:
+    from xdctr import demo
+
+    path = os.path.join(demo.SHARED_DATA, name, "interactions.csv")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the bundled data set {name} is not at ../shared/data/{name}/interactions.csv")
+    return path
+
+
+def _ingest(log: str, examples: str) -> str:
+    from components.ingest import beam_pipeline
+
+    if not os.path.exists(os.path.join(examples, beam_pipeline.SUMMARY_FILE)):
+        beam_pipeline.run(beam_pipeline.IngestConfig(input_patterns=(log,)), examples)
+    return examples
+
+
+def prepare_real(workdir: str, set_name: str) -> str:
+    """The set imported with the default (popularity) protocol and ingested; returns the examples dir."""
+    from components.ingest import importer
+
+    directory = os.path.join(workdir, set_name)
+    log = os.path.join(directory, "impressions.jsonl.gz")
+    if not os.path.exists(log):
+        os.makedirs(directory, exist_ok=True)
+        importer.import_interactions([_interactions(REAL_SETS[set_name])], log, importer.ImportConfig(negatives=4, seed=0))
+    return _ingest(log, os.path.join(directory, "examples"))
+
+
+def prepare_loo(workdir: str, negatives: int = 4) -> tuple:
+    """(interactions CSV, examples dir) of food-kitchen's leave-one-out train part."""
+    from components.ingest import importer
+
+    interactions = _interactions(REAL_SETS["food-kitchen"])
+    directory = os.path.join(workdir, "food-kitchen-loo")
+    log = os.path.join(directory, "train.jsonl.gz")
+    if not os.path.exists(log):
+        os.makedirs(directory, exist_ok=True)
+        ranking.import_train_part([interactions], log, importer.ImportConfig(negatives=negatives, seed=0,
+                                                                             negative_sampling=importer.UNIFORM))
+    return interactions, _ingest(log, os.path.join(directory, "examples"))
+
+
+def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epochs: int, patience: int,
+            batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True) -> List[dict]:
+    """Trains, exports and ranks every model and seed on food-kitchen's leave-one-out protocol;
+    the rankings of the references (with `baselines`) come first. Returns the `ranking.evaluate`
+    results; `overrides` apply to every model's config (runs are named `model[key=value]`)."""
+    import tensorflow as tf
+
+    from components.ingest import beam_pipeline
+    from components.trainer import export
+    from models import config as config_lib
+
+    interactions, examples = prepare_loo(workdir)
+    contract = beam_pipeline.read_contract(examples)
+    rows = sum(beam_pipeline.read_summary(examples)["rows"].values())
+    files = sorted(tf.io.gfile.glob(os.path.join(examples, "Split-*", "*.gz")))
+    directory = os.path.join(workdir, "food-kitchen-loo")
+    overrides = dict(overrides or {})
+    suffix = train.run_suffix(overrides)
+    results = []
+    for baseline in ranking.BASELINES if baselines else ():
+        for seed in seeds:
+            results.append(ranking.evaluate([interactions], os.path.join(directory, "rankings", f"{baseline}-{seed}"),
+                                            baseline=baseline, seed=seed, splits=[ranking.TEST], max_users=max_users))
+            _print_loo(results[-1])
+    for name in model_names:
+        for seed in seeds:
+            started = time.monotonic()
+            model, config, info = train.train_model(name, overrides, contract, files, rows, seed=seed, epochs=epochs,
+                                                    batch_size=batch_size, patience=patience)
+            trained = time.monotonic() - started
+            slug = re.sub(r"[^A-Za-z0-9_.=,-]+", "_", f"{name}{suffix}-{seed}")  # no glob characters in paths
+            model_dir = os.path.join(directory, "models", slug)
+            export.export(model, config.inputs, model_dir)
+            config_lib.save(config, name, model_dir)
+            result = ranking.evaluate([interactions], os.path.join(directory, "rankings", slug),
+                                      model_dir=model_dir, name=name + suffix, seed=seed, splits=[ranking.TEST],
+                                      max_users=max_users)
+            result.update(training=info, train_seconds=round(trained, 1), load_average=list(os.getloadavg()))
+            results.append(result)
+            _print_loo(result)
+            del model
+    return results
+
+
+def _print_loo(result: dict) -> None:
+    test = result["splits"]["test"]
+    cells = " ".join(f"{d[len('domain='):]} HR@10 {test[d]['hr@10']:.4f} NDCG@10 {test[d]['ndcg@10']:.4f} "
+                     f"MRR {test[d]['mrr']:.4f}" for d in test if d.startswith("domain="))
+    epochs = result.get("training", {}).get("best_epoch")
+    print(f"leave-one-out {result['run']} (seed {result['seed']}{f', best epoch {epochs}' if epochs else ''}): "
+          f"{cells}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets
+
+
+def _mean_std(values: Sequence[float]) -> tuple:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _by_model(runs: Sequence[dict], value) -> Dict[str, tuple]:
+    groups: Dict[str, list] = {}
+    for r in runs:
+        groups.setdefault(r["model"], []).append(value(r))
+    return {name: _mean_std(values) for name, values in groups.items()}
+
+
+def targets(results: dict) -> List[str]:
+    """The issue's targets, each with what was measured (lines of Markdown)."""
+    lines = []
+    auc_runs = lambda s: [r for r in results.get(s, []) if r["model"] != "oracle"]  # noqa: E731
+    if "generated" in results:
+        runs = auc_runs("generated")
+        auc = _by_model(runs, lambda r: r["quality"]["overall"]["auc"])
+        cold = _by_model(runs, lambda r: r["quality"]["cold_start"]["auc"])
+        cross = {m: v for m, v in auc.items() if m in CROSS_DOMAIN and v[0] is not None}
+        if cross:
+            best = max(cross, key=lambda m: cross[m][0])
+            baselines = {m: cold[m][0] for m in cold if m not in CROSS_DOMAIN and cold[m][0] is not None}
+            margin = cold[best][0] - max(baselines.values()) if baselines else None
+            lines.append(f"- generated: best cross-domain model {best} AUC {cross[best][0]:.4f} (target >= 0.85: "
+                         f"{'met' if cross[best][0] >= 0.85 else 'NOT met'}); its cold-start AUC minus the best "
+                         f"baseline's ({max(baselines, key=baselines.get) if baselines else 'none run'}): "
+                         + (f"{margin:+.4f} (target >= +0.02: {'met' if margin >= 0.02 else 'NOT met'})"
+                            if margin is not None else "n/a"))
+    if "food-kitchen-loo" in results:
+        runs = [r for r in results["food-kitchen-loo"] if not r.get("baseline")]
+        for domain, target in (("grocery_gourmet_food", 0.25), ("home_kitchen", 0.18)):
+            hr = {name: value for name, value in _by_model(
+                [{"model": r["run"], **r} for r in runs],
+                lambda r: r["splits"]["test"][f"domain={domain}"]["hr@10"]).items()}
+            if hr:
+                best = max(hr, key=lambda m: hr[m][0])
+                lines.append(f"- food-kitchen leave-one-out, {domain}: best HR@10 {best} {hr[best][0]:.4f} "
+                             f"(target >= {target}: {'met' if hr[best][0] >= target else 'NOT met'}; ABXI "
+                             f"{ranking.PUBLISHED[f'domain={domain}']['hr@10']:.4f})")
+    if "food-kitchen" in results:
+        gauc = _by_model(auc_runs("food-kitchen"), lambda r: r["quality"]["overall"]["gauc"])
+        if BASELINE in gauc:
+            base_mean, base_std = gauc[BASELINE]
+            for model in CROSS_DOMAIN:
+                if model in gauc:
+                    mean, std = gauc[model]
+                    spread = 2 * float(np.hypot(std, base_std))
+                    lines.append(f"- food-kitchen AUC protocol: {model} GAUC {mean:.4f} vs {BASELINE} {base_mean:.4f}: "
+                                 f"{mean - base_mean:+.4f}, 2 std of the difference {spread:.4f} "
+                                 f"({'beats it' if mean - base_mean > spread else 'does NOT beat it'} by more than 2 std)")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, sets: Sequence[str] = SETS,
+        seeds: Sequence[int] = (0, 1, 2), users: int = 20_000, epochs: int = 10, patience: int = 1,
+        batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True) -> dict:
+    """Runs the chosen sets; writes the JSON (`out`) and the Markdown (`markdown_path`).
+
+    `overrides` (config field -> value) apply to every model, as in `benchmark train`; without
+    `baselines` the leave-one-out set skips the popularity and random references."""
+    unknown = sorted(set(sets) - set(SETS))
+    if unknown:
+        raise ValueError(f"unknown set(s) {unknown}; known: {list(SETS)}")
+    os.makedirs(workdir, exist_ok=True)
+    results: Dict[str, list] = {}
+    sections = []
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    for set_name in sets:
+        print(f"== {set_name}", flush=True)
+        if set_name == "food-kitchen-loo":
+            results[set_name] = run_loo(model_names, workdir, seeds, epochs, patience, batch_size, max_users,
+                                        overrides, baselines)
+            sections.append(f"### food-kitchen, leave-one-out\n\n{ranking.markdown(results[set_name])}")
+            continue
+        set_dir = os.path.join(workdir, set_name)
+        if set_name == "generated":
+            examples = train.prepare_data(set_dir, users, 0)
+        else:
+            examples = prepare_real(workdir, set_name)
+        json_path = os.path.join(set_dir, "train.json")
+        train.run(list(model_names), set_dir, json_path, users=users, epochs=epochs, batch_size=batch_size,
+                  seeds=seeds, examples=examples, patience=patience, overrides=overrides)
+        with open(json_path) as f:
+            content = json.load(f)
+        results[set_name] = content["results"]
+        table = [(s["model"], s, s.get("params")) for s in content["summary"]]
+        sections.append(f"### {set_name} (AUC protocol)\n\n"
+                        + train.markdown_table(table, train.summary_slices(content["data"]["domains"])))
+    goals = targets(results)
+    load_after = os.getloadavg()
+    text = (f"## Quality benchmark\n\nseeds {list(seeds)}, early stopping (patience {patience}, at most {epochs} "
+            f"epochs), batch {batch_size}; load average {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the "
+            f"end; {time.monotonic() - started:.0f} s.\n\n" + "\n".join(sections)
+            + ("\n### Targets\n\n" + "\n".join(goals) + "\n" if goals else ""))
+    os.makedirs(os.path.dirname(os.path.abspath(markdown_path)), exist_ok=True)
+    with open(markdown_path, "w") as f:
+        f.write(text)
+    with open(out, "w") as f:
+        json.dump({"sets": list(sets), "seeds": list(seeds), "epochs": epochs, "patience": patience,
+                   "users": users, "results": results, "targets": goals}, f, indent=2, allow_nan=False)
+    print(text)
+    print(f"wrote {markdown_path} and {out}")
+    return results

@@ -1,0 +1,99 @@
+"""`bilinear_recency`: a tiny reference model, target x recency-weighted mixed history + biases.
+
+Not from a paper: the smallest model that reads what the generated logs plant (a taste shared
+across domains, drifting with recent clicks) and what item popularity gives, kept as a baseline
+the cross-domain models have to beat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+from keras import ops
+
+from models.baselines import _ConfiguredModel, _check_positive
+from models.config import InputConfig
+from models.layers.masking import masked_softmax
+from models.registry import register
+from xdctr import features as F
+
+RECENCY = ("position", "time_gap")
+
+
+@dataclasses.dataclass(frozen=True)
+class BilinearRecencyConfig:
+    """Config of `BilinearRecency`.
+
+    Attributes:
+      inputs: input sizes shared by every model.
+      embedding_dim: size of the item embeddings (one table for targets and history).
+      recency: what the learned recency weights are indexed by: "position" (steps back from the
+        latest click of the mixed history, L weights) or "time_gap" (the log2 time-gap bucket of
+        each history click before the target's time, `F.NUM_TIME_GAP_BUCKETS` weights).
+    """
+
+    inputs: InputConfig = dataclasses.field(default_factory=InputConfig)
+    embedding_dim: int = 32
+    recency: str = "position"
+
+
+@register("bilinear_recency", BilinearRecencyConfig)
+@keras.saving.register_keras_serializable(package="xdctr")
+class BilinearRecency(_ConfiguredModel):
+    """Bilinear score of the target against a recency-weighted mean of the mixed history.
+
+    With E the item table (item_buckets, dim), the mixed history h_1..h_L (left-padded,
+    chronological, mask m_j) and a learned recency logit a_r per recency index r_j (position j
+    of the left-padded history, i.e. L - 1 - j steps back from the latest click, or the time-gap
+    bucket of h_j):
+
+        w_j = m_j exp(a_{r_j}) / sum_k m_k exp(a_{r_k})       (masked softmax; all 0 if no history)
+        u = sum_j w_j E[h_j]                                   (batch, dim)
+        logit = E[t]^T M u + b_item[t] + b_domain[d]           M (dim, dim), starts as the identity
+        ctr = sigmoid(logit)
+
+    a starts at 0 (u = the plain mean of the history), b_item and b_domain at 0. The history's
+    domains are not read: the target's domain enters through b_domain only, so everything a user
+    clicked in any domain scores every domain's items through one table (the transfer the
+    generated logs' shared taste rewards). Any D >= 1.
+
+    encode_context gives q = M u (batch, dim), so score is one dot product and two lookups per
+    candidate.
+
+    Inputs: see `models.base.CTRModel`; uses ITEM_ID, DOMAIN, HISTORY_ITEM_IDS, HISTORY_MASK and,
+    with recency="time_gap", HISTORY_TIME_GAPS.
+    """
+
+    config_class = BilinearRecencyConfig
+
+    def __init__(self, config: BilinearRecencyConfig, **kwargs):
+        super().__init__(**kwargs)
+        _check_positive("embedding_dim", config.embedding_dim)
+        if config.recency not in RECENCY:
+            raise ValueError(f"`recency` must be one of {list(RECENCY)}. Received: recency={config.recency!r}")
+        self.config = config
+        inputs = config.inputs
+        self.item_embedding = keras.layers.Embedding(inputs.item_buckets, config.embedding_dim, name="item_embedding")
+        self.item_bias = keras.layers.Embedding(inputs.item_buckets, 1, embeddings_initializer="zeros", name="item_bias")
+        self.domain_bias = keras.layers.Embedding(inputs.num_domains, 1, embeddings_initializer="zeros",
+                                                  name="domain_bias")
+        recency_size = inputs.history_length if config.recency == "position" else F.NUM_TIME_GAP_BUCKETS
+        dim = config.embedding_dim
+        self.bilinear = self.add_weight(shape=(dim, dim), initializer="identity", name="bilinear")
+        self.recency_logits = self.add_weight(shape=(recency_size,), initializer="zeros", name="recency_logits")
+
+    def encode_context(self, inputs, training=False):
+        if self.config.recency == "position":
+            logits = ops.expand_dims(self.recency_logits, 0)  # (1, L): position j of the left-padded history
+        else:
+            logits = ops.take(self.recency_logits, ops.cast(inputs[F.HISTORY_TIME_GAPS], "int32"), axis=0)  # (batch, L)
+        weights = masked_softmax(logits, inputs[F.HISTORY_MASK])  # (batch, L)
+        history = self.item_embedding(inputs[F.HISTORY_ITEM_IDS])  # (batch, L, dim)
+        user = ops.sum(history * ops.expand_dims(ops.cast(weights, history.dtype), -1), axis=1)  # (batch, dim)
+        return {"query": ops.matmul(user, ops.transpose(ops.cast(self.bilinear, user.dtype)))}  # (batch, dim): M u
+
+    def score(self, context, item, domain, training=False):
+        target = self.item_embedding(item)  # (batch, dim)
+        bias = self.item_bias(item) + self.domain_bias(domain)  # (batch, 1)
+        return ops.sum(target * context["query"], axis=-1) + ops.squeeze(bias, -1)  # (batch,)

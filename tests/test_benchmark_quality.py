@@ -1,0 +1,41 @@
+"""`benchmarks/quality.py`: the issue's targets checked against hand-made results."""
+
+from benchmarks import quality
+
+
+def _auc_run(model, seed, auc, gauc, cold):
+    return {"model": model, "seed": seed, "quality": {"overall": {"auc": auc, "gauc": gauc},
+                                                      "cold_start": {"auc": cold, "gauc": cold}}}
+
+
+def _loo_run(model, seed, food, kitchen, baseline=None):
+    test = {"domain=grocery_gourmet_food": {"hr@10": food}, "domain=home_kitchen": {"hr@10": kitchen}}
+    return {"run": model, "seed": seed, "baseline": baseline, "splits": {"test": test}}
+
+
+def test_targets_report_what_was_measured():
+    results = {
+        "generated": [{"model": "oracle", "quality": {"overall": {"auc": 0.9}, "cold_start": {"auc": 0.88}}},
+                      _auc_run("man", 0, 0.86, 0.85, 0.80), _auc_run("man", 1, 0.84, 0.83, 0.82),
+                      _auc_run("dnn_multi", 0, 0.80, 0.80, 0.78), _auc_run("dnn_multi", 1, 0.80, 0.80, 0.78)],
+        "food-kitchen": [_auc_run("dnn_multi", s, 0.53, g, 0.5) for s, g in ((0, 0.530), (1, 0.532), (2, 0.534))]
+                        + [_auc_run("dasl", s, 0.55, g, 0.5) for s, g in ((0, 0.545), (1, 0.546), (2, 0.547))]
+                        + [_auc_run("man", s, 0.55, g, 0.5) for s, g in ((0, 0.530), (1, 0.540), (2, 0.550))],
+        "food-kitchen-loo": [_loo_run("popularity", 0, 0.9, 0.9, baseline="popularity"),
+                             _loo_run("syncrec", 0, 0.26, 0.17), _loo_run("syncrec", 1, 0.28, 0.19),
+                             _loo_run("dnn_multi", 0, 0.20, 0.10)],
+    }
+    lines = quality.targets(results)
+    # generated: man's mean AUC 0.85 (met); its cold-start AUC 0.81 vs dnn_multi's 0.78: +0.03 (met).
+    assert lines[0] == ("- generated: best cross-domain model man AUC 0.8500 (target >= 0.85: met); its cold-start "
+                        "AUC minus the best baseline's (dnn_multi): +0.0300 (target >= +0.02: met)")
+    # Leave-one-out: references are not candidates; syncrec's means 0.27 and 0.18.
+    assert lines[1].startswith("- food-kitchen leave-one-out, grocery_gourmet_food: best HR@10 syncrec 0.2700 "
+                               "(target >= 0.25: met; ABXI 0.3243)")
+    assert "home_kitchen: best HR@10 syncrec 0.1800 (target >= 0.18: met" in lines[2]
+    # dasl: +0.014 over dnn_multi, std 0.001 and 0.002: 2 * hypot = 0.0045 -> beats it.
+    # man: +0.008 but std 0.01: 2 * hypot(0.01, 0.002) = 0.0204 -> does not.
+    assert lines[3] == ("- food-kitchen AUC protocol: dasl GAUC 0.5460 vs dnn_multi 0.5320: +0.0140, 2 std of the "
+                        "difference 0.0045 (beats it by more than 2 std)")
+    assert lines[4].endswith("+0.0080, 2 std of the difference 0.0204 (does NOT beat it by more than 2 std)")
+    assert len(lines) == 5

@@ -1,0 +1,88 @@
+"""`benchmarks/train.py`: mean ± std over seeds, the table, and the Trainer's early stopping."""
+
+import json
+
+import pytest
+
+from benchmarks import train
+
+SLICES = ["overall", "domain=a", "cold_start"]
+
+
+def _run(seed, auc, cold_auc, speed, best):
+    summary = lambda value: {"auc": value, "gauc": None if value is None else value - 0.1}  # noqa: E731
+    return {"seed": seed, "examples_per_second": speed, "best_epoch": best,
+            "quality": {"overall": summary(auc), "domain=a": summary(auc), "cold_start": summary(cold_auc)}}
+
+
+def test_aggregate_mean_and_sample_std():
+    runs = [_run(0, 0.70, 0.60, 100, 2), _run(1, 0.72, None, 300, 3), _run(2, 0.74, 0.64, 200, 2)]
+    agg = train.aggregate(runs, SLICES)
+    assert agg["seeds"] == [0, 1, 2] and agg["best_epoch"] == [2, 3, 2]
+    mean, std, n = agg["overall"]["auc"]
+    assert mean == pytest.approx(0.72) and std == pytest.approx(0.02) and n == 3  # sample std, n - 1
+    # A slice one run cannot score (one class): averaged over the two that can, and counted.
+    mean, std, n = agg["cold_start"]["auc"]
+    assert mean == pytest.approx(0.62) and std == pytest.approx(0.0282843, rel=1e-5) and n == 2
+    assert agg["examples_per_second"][0] == pytest.approx(200)
+    json.dumps(agg)  # what the benchmark writes
+
+
+def test_markdown_table_cells():
+    runs = [_run(0, 0.70, 0.60, 100, 2), _run(1, 0.72, None, 300, 3), _run(2, 0.74, 0.64, 200, 2)]
+    oracle = train.aggregate([{"seed": None, "quality": _run(0, 0.9, 0.8, None, None)["quality"]}], SLICES)
+    lines = train.markdown_table([("oracle", oracle, None), ("man", train.aggregate(runs, SLICES), 1234)],
+                                 SLICES).splitlines()
+    assert lines[0] == ("| model | seeds | best epochs | AUC | GAUC | GAUC a | cold-start AUC | cold-start GAUC "
+                        "| examples/s | params |")
+    assert lines[2] == "| oracle |  |  | 0.9000 | 0.8000 | 0.8000 | 0.8000 | 0.7000 |  |  |"
+    assert lines[3] == ("| man | 3 | 2, 3, 2 | 0.7200 ± 0.0200 | 0.6200 ± 0.0200 | 0.6200 ± 0.0200 "
+                        "| 0.6200 ± 0.0283 (2/3) | 0.5200 ± 0.0283 (2/3) | 200 | 1,234 |")
+    assert train.format_mean_std(None) == "n/a"
+
+
+@pytest.fixture(scope="module")
+def tiny_examples(tmp_path_factory):
+    from components.ingest import beam_pipeline, generator
+
+    tmp = tmp_path_factory.mktemp("bench")
+    log = str(tmp / "log.jsonl")
+    generator.generate_file(generator.GeneratorConfig(num_users=80, items_per_domain=40, seed=3), log)
+    examples = str(tmp / "examples")
+    beam_pipeline.run(beam_pipeline.IngestConfig(input_patterns=(log,), history_length=4, domain_history_length=3),
+                      examples)
+    return examples
+
+
+def test_train_model_stops_early_at_the_best_epoch(tiny_examples):
+    import os
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from components.ingest import beam_pipeline
+    from components.trainer import preprocess
+    from xdctr import features as F
+
+    contract = beam_pipeline.read_contract(tiny_examples)
+    files = sorted(tf.io.gfile.glob(os.path.join(tiny_examples, "Split-train", "*.gz")))
+    rows = beam_pipeline.read_summary(tiny_examples)["rows"][F.TRAIN_SPLIT]
+    overrides = {"inputs": {"item_buckets": 128, "user_buckets": 128}, "embedding_dim": 32, "hidden_units": [64, 64]}
+    # A large learning rate on ~1.5k rows: the validation loss turns up within a few epochs.
+    model, config, info = train.train_model("dnn_multi", overrides, contract, files, rows, seed=0, epochs=12,
+                                            batch_size=32, patience=1, learning_rate=0.02)
+    losses = info["val_loss"]
+    assert info["epochs_run"] == len(losses) and 2 <= len(losses) < 12
+    assert info["best_epoch"] == int(np.argmin(losses)) + 1 and info["epochs_run"] == info["best_epoch"] + 1
+    # The best epoch's weights are restored: the validation loss now is the best one.
+    validation = preprocess.dataset(files, config.inputs, 4096, holdout="validation")
+    bce = keras.losses.BinaryCrossentropy()
+    now = np.mean([float(bce(y, model(x)[F.SERVING_OUTPUT])) for x, y in validation])
+    assert now == pytest.approx(min(losses), rel=1e-3)
+
+
+def test_run_suffix_names_nested_overrides():
+    assert train.run_suffix({}) == ""
+    assert train.run_suffix({"use_sc_mim": False, "inputs": {"item_buckets": 262144}}) == (
+        "[inputs.item_buckets=262144,use_sc_mim=False]")
