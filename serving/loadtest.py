@@ -234,10 +234,10 @@ class _Loop:
             self.unfinished += 1
 
 
-def _worker(target: str, requests: list, loop: _Loop, rpc_timeout_s: float, channel_options: list) -> None:
+def _worker(channel: grpc.Channel, requests: list, loop: _Loop, rpc_timeout_s: float) -> None:
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    with grpc.insecure_channel(target, options=channel_options) as channel:
+    with channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         while (claimed := loop.claim()) is not None:
             index, due = claimed
@@ -382,13 +382,22 @@ def run(
         ("grpc.use_local_subchannel_pool", 1),  # one connection per thread, like separate clients
     ]
     _connect_and_warm_up(target, connect_timeout_s, channel_options, prebuilt, warmup, duration_s, rpc_timeout_s)
+    # Every thread's connection is up before the clock starts: connecting is not the server's time.
+    channels = [grpc.insecure_channel(target, options=channel_options) for _ in range(concurrency)]
+    try:
+        for channel in channels:
+            grpc.channel_ready_future(channel).result(timeout=connect_timeout_s)
+    except grpc.FutureTimeoutError:
+        for channel in channels:
+            channel.close()
+        raise ValueError(f"cannot connect {concurrency} clients to {target} within {connect_timeout_s:g} s.") from None
 
     start = time.monotonic()
     loop = _Loop(requests, start, duration_s, rate_qps)
     threads = [
-        threading.Thread(target=_worker, args=(target, prebuilt, loop, rpc_timeout_s, channel_options),
-                         name=f"loadtest-{i}", daemon=True)
-        for i in range(concurrency)
+        threading.Thread(target=_worker, args=(channel, prebuilt, loop, rpc_timeout_s), name=f"loadtest-{i}",
+                         daemon=True)
+        for i, channel in enumerate(channels)
     ]
     for thread in threads:
         thread.start()
