@@ -384,7 +384,7 @@ def in_process(function, payloads: Sequence[dict], requests: int, duration_s: fl
     elapsed, cpu = time.monotonic() - start, time.process_time() - cpu_start
     ok = len(latencies)
     return {"rows_per_request": rows, "concurrency": 1, "rate_qps": None, "sent": ok, "ok": ok, "errors": {},
-            "unfinished": 0,
+            "unfinished": 0, "call_latency_ms": _latency_summary(latencies),
             "elapsed_s": elapsed, "qps": ok / elapsed, "rows_per_s": ok * rows / elapsed,
             "latency_ms": _latency_summary(latencies), "stopped_by": "requests" if ok >= requests else "time",
             "server_handler_ms_mean": None, "rows_per_signature_run": float(rows),
@@ -411,7 +411,7 @@ def served(target: str, services: Sequence[ServiceProcess], examples: Sequence[b
     delta = {name: value - totals[name] for name, value in server.server_totals().items()}
     ok = max(result["ok"], 1)
     keep = ("rows_per_request", "concurrency", "rate_qps", "sent", "ok", "errors", "error_details", "unfinished",
-            "elapsed_s", "qps", "rows_per_s", "latency_ms", "stopped_by")
+            "elapsed_s", "qps", "rows_per_s", "latency_ms", "call_latency_ms", "stopped_by")
     return {k: result[k] for k in keep} | {
         "server_handler_ms_mean": _ratio(1000.0 * delta[f"{REQUEST_SECONDS}_sum"], delta[f"{REQUEST_SECONDS}_count"]),
         "rows_per_signature_run": _ratio(delta[f"{BATCH_ROWS}_sum"], delta[f"{BATCH_ROWS}_count"]),
@@ -447,6 +447,8 @@ def target_round(rows: Sequence[dict], settings: Settings) -> dict:
     return {"in_process_qps": ceiling, "serve_batching_qps": batching,
             "qps_ratio": batching / ceiling if ceiling else None,
             "p99_at_half_load_ms": by_scenario[f"serve+batching at {settings.half_load:.0%} load"]["latency_ms"]["p99"],
+            "call_p99_at_half_load_ms":
+                by_scenario[f"serve+batching at {settings.half_load:.0%} load"]["call_latency_ms"]["p99"],
             "load_average": os.getloadavg()[0]}
 
 
@@ -455,12 +457,14 @@ def targets(rounds: Sequence[dict]) -> dict:
     so a neighbour's load on a shared machine hits both alike) against the issue's targets."""
     import numpy as np
 
-    ratios = [r["qps_ratio"] for r in rounds if r["qps_ratio"] is not None]
-    p99s = [r["p99_at_half_load_ms"] for r in rounds if r["p99_at_half_load_ms"] is not None]
-    ratio = float(np.median(ratios)) if ratios else None
-    p99 = float(np.median(p99s)) if p99s else None
+    def median(key):
+        values = [r[key] for r in rounds if r[key] is not None]
+        return float(np.median(values)) if values else None
+
+    ratio, p99 = median("qps_ratio"), median("p99_at_half_load_ms")
     return {"rounds": list(rounds), "qps_ratio": ratio, "qps_ratio_target": TARGET_QPS_RATIO,
-            "p99_at_half_load_ms": p99, "p99_target_ms": TARGET_P99_MS,
+            "p99_at_half_load_ms": p99, "call_p99_at_half_load_ms": median("call_p99_at_half_load_ms"),
+            "p99_target_ms": TARGET_P99_MS,
             "met": bool(ratio is not None and ratio >= TARGET_QPS_RATIO and p99 is not None and p99 <= TARGET_P99_MS)}
 
 
@@ -629,7 +633,8 @@ def run(base_path: str, examples_pattern: str, workdir: str, out: str, settings:
     print(f"serve+batching / in-process QPS, median of {len(rounds)} rounds: {_fmt(goals['qps_ratio'], 2)} "
           f"({', '.join(_fmt(r['qps_ratio'], 2) for r in rounds)}; target >= {TARGET_QPS_RATIO}); "
           f"p99 at {settings.half_load:.0%} load: {_fmt(goals['p99_at_half_load_ms'], 2)} ms "
-          f"({', '.join(_fmt(r['p99_at_half_load_ms'], 1) for r in rounds)}; target <= {TARGET_P99_MS:g}); "
+          f"({', '.join(_fmt(r['p99_at_half_load_ms'], 1) for r in rounds)}; target <= {TARGET_P99_MS:g}; "
+          f"from each request's send: {_fmt(goals['call_p99_at_half_load_ms'], 2)} ms); "
           f"{'met' if goals['met'] else 'NOT met'}")
     load_after = os.getloadavg()
     result = {

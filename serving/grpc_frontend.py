@@ -41,12 +41,6 @@ SERVICE_NAMES = ("tensorflow.serving.PredictionService", "tensorflow.serving.Mod
 HEALTH_THREADS = 2  # health checks are answered by the sync servicer of grpc_health on these
 
 
-def seconds_left(context) -> Optional[float]:
-    """Seconds until the call's deadline; None without one."""
-    remaining = context.time_remaining()
-    return None if remaining is None or remaining > 1e6 else remaining
-
-
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """gRPC front of an `Inference`: maps its errors to status codes, counts and times requests."""
 
@@ -63,7 +57,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 response = self.inference.get_model_metadata(request, labels=labels)
             else:
                 steps = self.inference.steps(api, request, labels)
-                response = await run_steps_async(steps, seconds_left(context), self._executor)
+                response = await run_steps_async(steps, self._executor)  # gRPC cancels it at the deadline
         except Exception as e:
             code, message = status_of(e)
             if code == grpc.StatusCode.INTERNAL:

@@ -87,8 +87,12 @@ def run_steps(steps: Steps, deadline: Optional[float] = None):
     return step
 
 
-async def run_steps_async(steps: Steps, deadline: Optional[float], executor: futures.Executor):
-    """Drives a request's steps from an event loop: model calls on `executor`, batches awaited."""
+async def run_steps_async(steps: Steps, executor: futures.Executor):
+    """Drives a request's steps from an event loop: model calls on `executor`, batches awaited.
+
+    The caller's deadline is the event loop's to enforce: cancelling this coroutine (gRPC does at
+    the call's deadline) cancels the awaited batch future, whose task then leaves its batch.
+    """
     loop = asyncio.get_running_loop()
     done, step = _advance(steps, None)
     while not done:
@@ -96,8 +100,8 @@ async def run_steps_async(steps: Steps, deadline: Optional[float], executor: fut
             done, step = _advance(steps, await loop.run_in_executor(executor, step))
             continue
         try:
-            value = await asyncio.wait_for(asyncio.wrap_future(step), deadline)  # a timeout cancels `step`
-        except (TimeoutError, BatchingError) as e:
+            value = await asyncio.wrap_future(step)
+        except BatchingError as e:
             raise _batch_failure(e) from None
         done, step = _advance(steps, value)
     return step
@@ -256,7 +260,7 @@ class Inference:
         outputs = yield from self._run(model_name, loaded, signature_name, inputs, batch)
         response = predict_pb2.PredictResponse(model_spec=_response_spec(model_name, loaded.version, signature_name))
         for name in request.output_filter or output_names:
-            response.outputs[name].CopyFrom(encode_tensor(outputs[name]))
+            encode_tensor(outputs[name], response.outputs[name])
         return response
 
     # ----------------------------------------------------------------------------------------

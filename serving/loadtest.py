@@ -200,27 +200,29 @@ class _Loop:
         self.interval = None if rate_qps is None else 1.0 / rate_qps
         self.lock = threading.Lock()
         self.sent = 0
-        self.latencies_s: list[float] = []
+        self.latencies_s: list[float] = []  # from when each request was due
+        self.call_latencies_s: list[float] = []  # from when it was sent
         self.errors: collections.Counter = collections.Counter()
         self.first_error: dict[str, str] = {}
         self.unfinished = 0
 
-    def claim(self) -> Optional[tuple[int, float]]:
+    def claim(self) -> Optional[tuple[int, Optional[float]]]:
         """(index, time due) of the next request, or None once either bound is reached.
 
-        Closed loop: due now. Open loop (`interval`): due at start + index * interval.
+        Closed loop: due None (now). Open loop (`interval`): due at start + index * interval.
         """
         with self.lock:
             now = time.monotonic()
-            due = now if self.interval is None else self.start + self.sent * self.interval
-            if self.sent >= self.limit or max(now, due) >= self.deadline:
+            due = None if self.interval is None else self.start + self.sent * self.interval
+            if self.sent >= self.limit or max(now, due or now) >= self.deadline:
                 return None
             self.sent += 1
             return self.sent - 1, due
 
-    def record_ok(self, latency_s: float) -> None:
+    def record_ok(self, latency_s: float, call_latency_s: float) -> None:
         with self.lock:
             self.latencies_s.append(latency_s)
+            self.call_latencies_s.append(call_latency_s)
 
     def record_error(self, code: grpc.StatusCode, details: str) -> None:
         with self.lock:
@@ -232,18 +234,19 @@ class _Loop:
             self.unfinished += 1
 
 
-def _worker(target: str, requests: list, loop: _Loop, rpc_timeout_s: float, channel_options: list) -> None:
+def _worker(channel: grpc.Channel, requests: list, loop: _Loop, rpc_timeout_s: float) -> None:
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    with grpc.insecure_channel(target, options=channel_options) as channel:
+    with channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         while (claimed := loop.claim()) is not None:
             index, due = claimed
             request = requests[index % len(requests)]
-            if due > time.monotonic():
+            if due is not None and due > time.monotonic():
                 time.sleep(due - time.monotonic())
-            start = min(due, time.monotonic())  # a late send's wait counts (open loop)
-            timeout = min(rpc_timeout_s, loop.deadline - time.monotonic())
+            sent = time.monotonic()
+            start = sent if due is None else min(due, sent)  # a late send's wait counts (open loop)
+            timeout = min(rpc_timeout_s, loop.deadline - sent)
             cut_by_time_bound = timeout < rpc_timeout_s
             if timeout <= 0:
                 loop.record_unfinished()
@@ -256,7 +259,8 @@ def _worker(target: str, requests: list, loop: _Loop, rpc_timeout_s: float, chan
                 else:
                     loop.record_error(e.code(), e.details() or "")
                 continue
-            loop.record_ok(time.monotonic() - start)
+            done = time.monotonic()
+            loop.record_ok(done - start, done - sent)
 
 
 def _connect_and_warm_up(
@@ -342,7 +346,9 @@ def run(
       A dict: the settings; `sent`, `ok`, `errors` ({status code name: count}), `error_details`
       (the first message per code), `unfinished` (calls cut by the time bound), `elapsed_s`, `qps`
       (ok / elapsed), `rows_per_s`, `latency_ms` ({p50, p95, p99, max, mean} over successful
-      requests; None when none succeeded), `stopped_by` ("requests" or "time").
+      requests, from when each was due; None when none succeeded), `call_latency_ms` (the same
+      from when each was sent: equal in a closed loop; in an open loop it leaves out the time a
+      request waited for a client thread), `stopped_by` ("requests" or "time").
 
     Raises:
       ValueError: a bad argument, a non-loopback target without `allow_remote`, or no server.
@@ -376,13 +382,22 @@ def run(
         ("grpc.use_local_subchannel_pool", 1),  # one connection per thread, like separate clients
     ]
     _connect_and_warm_up(target, connect_timeout_s, channel_options, prebuilt, warmup, duration_s, rpc_timeout_s)
+    # Every thread's connection is up before the clock starts: connecting is not the server's time.
+    channels = [grpc.insecure_channel(target, options=channel_options) for _ in range(concurrency)]
+    try:
+        for channel in channels:
+            grpc.channel_ready_future(channel).result(timeout=connect_timeout_s)
+    except grpc.FutureTimeoutError:
+        for channel in channels:
+            channel.close()
+        raise ValueError(f"cannot connect {concurrency} clients to {target} within {connect_timeout_s:g} s.") from None
 
     start = time.monotonic()
     loop = _Loop(requests, start, duration_s, rate_qps)
     threads = [
-        threading.Thread(target=_worker, args=(target, prebuilt, loop, rpc_timeout_s, channel_options),
-                         name=f"loadtest-{i}", daemon=True)
-        for i in range(concurrency)
+        threading.Thread(target=_worker, args=(channel, prebuilt, loop, rpc_timeout_s), name=f"loadtest-{i}",
+                         daemon=True)
+        for i, channel in enumerate(channels)
     ]
     for thread in threads:
         thread.start()
@@ -414,6 +429,7 @@ def run(
         "qps": ok / elapsed if elapsed > 0 else 0.0,
         "rows_per_s": ok * rows / elapsed if elapsed > 0 else 0.0,
         "latency_ms": _latency_summary(loop.latencies_s),
+        "call_latency_ms": _latency_summary(loop.call_latencies_s),
         "stopped_by": "requests" if loop.sent >= requests else "time",
     }
 

@@ -90,14 +90,26 @@ class ServingMetrics:
             registry=self.registry,
         )
 
+        # Label values -> metric children: `labels()` costs as much as a request's decoding.
+        self._request_children: dict[tuple, tuple] = {}
+        self._batch_children: dict[tuple, Any] = {}
+
     def observe_request(
         self, model: str, version: str, signature: str, api: str, status: str, seconds: float
     ) -> None:
-        self.requests.labels(model, version, signature, api, status).inc()
-        self.request_latency.labels(model, version, signature, api, status).observe(seconds)
+        key = (model, version, signature, api, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (self.requests.labels(*key), self.request_latency.labels(*key))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, model: str, version: str, signature: str, rows: int) -> None:
-        self.batch_size.labels(model, version, signature).observe(rows)
+        key = (model, version, signature)
+        child = self._batch_children.get(key)
+        if child is None:
+            child = self._batch_children[key] = self.batch_size.labels(*key)
+        child.observe(rows)
 
     def load_event(self, model: str, event: str) -> None:
         self.load_events.labels(model, event).inc()

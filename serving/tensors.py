@@ -7,7 +7,7 @@ both check requests the same way and answer with the same errors.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Optional
 
 import grpc
 import numpy as np
@@ -132,13 +132,17 @@ def decode_inputs(protos: Mapping[str, tensor_pb2.TensorProto], input_specs, sig
     return arrays
 
 
-def encode_tensor(array: np.ndarray) -> tensor_pb2.TensorProto:
-    """A TensorProto of an output array, values in the typed field (`float_val`, ...) as TF Serving fills them."""
+def encode_tensor(array: np.ndarray, proto: Optional[tensor_pb2.TensorProto] = None) -> tensor_pb2.TensorProto:
+    """A TensorProto of an output array (filled into `proto` when given), values in the typed field
+    (`float_val`, ...) as TF Serving fills them."""
     array = np.asarray(array)
     dtype = _DTYPES.get(array.dtype)
+    if proto is None:
+        proto = tensor_pb2.TensorProto()
     if dtype is None and array.dtype != object:
-        return tf.make_tensor_proto(array)  # half, bfloat16, complex: tensor_content
-    proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING if dtype is None else dtype)
+        proto.CopyFrom(tf.make_tensor_proto(array))  # half, bfloat16, complex: tensor_content
+        return proto
+    proto.dtype = types_pb2.DT_STRING if dtype is None else dtype
     proto.tensor_shape.dim.extend(tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape)
     if dtype is None:  # strings
         proto.string_val.extend(v if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1))

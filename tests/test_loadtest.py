@@ -96,6 +96,9 @@ def test_open_loop_sends_at_the_rate(target):
     assert 36 <= result["sent"] <= 40  # k/40 s < 1 s for k = 0..39; a busy machine may end a few late
     assert result["ok"] + result["unfinished"] + sum(result["errors"].values()) == result["sent"]
     assert result["qps"] == pytest.approx(result["ok"] / result["elapsed_s"])
+    # Latency counts from each request's due time, at least the call's own time.
+    assert result["call_latency_ms"]["p50"] <= result["latency_ms"]["p50"]
+    assert result["call_latency_ms"]["max"] <= result["latency_ms"]["max"]
     with pytest.raises(ValueError, match="`rate_qps` must be a positive number"):
         loadtest.run(target, MODEL_NAME, EXAMPLES, requests=3, duration_s=1.0, rate_qps=0.0)
 
@@ -110,6 +113,7 @@ def test_warmup_requests_are_not_counted(target):
 def test_latency_percentiles_are_ordered_and_positive(target):
     result = loadtest.run(target, MODEL_NAME, EXAMPLES, requests=30, duration_s=60.0, concurrency=2, batch=2)
     latency = result["latency_ms"]
+    assert result["call_latency_ms"] == latency  # a closed loop sends each request when it is due
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
     assert 0 < latency["mean"] <= latency["max"]
     assert latency["max"] < result["elapsed_s"] * 1000.0
