@@ -58,7 +58,7 @@ SCHEMA_FILE = os.path.join("schema", "schema.pbtxt")
 TEMP_DIR = ".temp"  # example files being written; renamed into the splits when complete
 SHARD_BYTES = 64 << 20  # plain text files are parsed in byte ranges of this size
 BLOCK_BYTES = 8 << 20  # a shard is parsed this many bytes of lines at a time
-EVENTS_PER_USER_SHARD = 250_000  # the default number of user shards aims at this many events each
+EVENTS_PER_USER_SHARD = 100_000  # the default number of user shards aims at this many events each
 MAX_USER_SHARDS = 4096
 CHUNK_EVENTS = 65_536  # the features of this many events (of whole users) are computed at once
 GZIP_LEVEL = 1  # zlib level of the example files: 2.3x faster than 6, about 10% larger
@@ -87,7 +87,7 @@ class IngestConfig:
         go to eval); "time": eval is the last `eval_fraction` of the time range.
       max_bad_fraction: the run fails when more than this fraction of records is rejected.
       parse: validation settings (domains, timestamp range).
-      user_shards: number of user shards (0: from the input size, about 250,000 events each).
+      user_shards: number of user shards (0: from the input size, about 100,000 events each).
       shard_bytes: byte range one worker parses of a plain text file.
     """
 
@@ -835,15 +835,14 @@ def _finish(output_dir: str, *summary_args) -> str:
 
 def schema_text(contract: F.Contract) -> str:
     """The tf.Example schema of the contract, as a tensorflow_metadata Schema in text format."""
-    import tensorflow as tf
     from google.protobuf import text_format
     from tensorflow_metadata.proto.v0 import schema_pb2
 
-    types = {tf.string: schema_pb2.BYTES, tf.int64: schema_pb2.INT, tf.float32: schema_pb2.FLOAT}
+    types = {"bytes": schema_pb2.BYTES, "int64": schema_pb2.INT}
     schema = schema_pb2.Schema()
-    for name, spec in sorted(contract.feature_spec().items()):
-        feature = schema.feature.add(name=name, type=types[spec.dtype])
-        for size in spec.shape:
+    for name, (kind, shape, _) in sorted(contract.feature_layout().items()):
+        feature = schema.feature.add(name=name, type=types[kind])
+        for size in shape:
             feature.shape.dim.add(size=size)
         feature.presence.min_fraction = 1.0
     return text_format.MessageToString(schema)
