@@ -245,9 +245,8 @@ def test_varints_equal_protobuf_encoding():
 
 def decoded(columns, contract, chunk):
     out = []
-    for rows, data, ends in sequences.encode_examples(columns, contract, chunk):
-        raw, starts = data.tobytes(), np.concatenate([[0], ends[:-1]])
-        out += [(int(r), tf.train.Example.FromString(raw[a:b])) for r, a, b in zip(rows, starts, ends)]
+    for rows, examples in sequences.encode_examples(columns, contract, chunk):
+        out += [(int(r), tf.train.Example.FromString(e)) for r, e in zip(rows, examples)]
     return out
 
 
@@ -258,7 +257,7 @@ def test_encoded_examples_parse_to_the_examples_of_to_tf_example(chunk):
     contract = F.Contract(("A", "B", "C"), 4, 2)
     columns, _ = columnar(events, contract)
     examples = decoded(columns, contract, chunk)
-    assert [r for r, _ in examples] == list(range(len(columns)))
+    assert [r for r, _ in examples] == list(range(columns.size))
     expected = list(columns.to_dicts(contract))
     assert [e for _, e in examples] == [sequences.to_tf_example(x) for x in expected]
     assert any(F.ORACLE_CTR not in x for x in expected) and any(F.ORACLE_CTR in x for x in expected)
@@ -282,8 +281,7 @@ def test_gzip_tfrecord_writer_round_trip(tmp_path):
     writer = bp.GzipTFRecordWriter(path)
     batches = [[b"a", b"", b"x" * 300], [bytes(range(256)) * 70], [b"last"]]
     for batch in batches:
-        data = np.frombuffer(b"".join(batch), np.uint8)
-        writer.write(data, np.cumsum([len(r) for r in batch]))
+        writer.write(batch)
     writer.close()
     with gzip.open(path) as f:
         assert f.read(8) == (1).to_bytes(8, "little")  # one gzip member, TFRecord framing inside

@@ -84,33 +84,37 @@ class Contract:
     def from_dict(cls, values: dict) -> "Contract":
         return cls(tuple(values["domains"]), int(values["history_length"]), int(values["domain_history_length"]))
 
+    def feature_layout(self) -> dict:
+        """{name: (kind, shape, default)} of every feature; kind "bytes" or "int64", default None
+        for required features. Without TensorFlow (ingestion writes its schema from this)."""
+        seq = (self.history_length,)
+        num_domains = len(self.domains)
+        return {
+            USER_ID: ("bytes", (), None),
+            ITEM_ID: ("bytes", (), None),
+            DOMAIN: ("bytes", (), None),
+            TIMESTAMP: ("int64", (), None),
+            HISTORY_ITEM_IDS: ("bytes", seq, None),
+            HISTORY_DOMAINS: ("bytes", seq, None),
+            HISTORY_LENGTH: ("int64", (), None),
+            HISTORY_TIMESTAMPS: ("int64", seq, None),
+            DOMAIN_HISTORY_ITEM_IDS: ("bytes", (num_domains, self.domain_history_length), None),
+            DOMAIN_HISTORY_LENGTHS: ("int64", (num_domains,), None),
+            TARGET_DOMAIN_CLICKS: ("int64", (), None),
+            OTHER_DOMAIN_CLICKS: ("int64", (), None),
+            LABEL: ("int64", (), None),
+            # Slice features have defaults, so examples made without them still parse.
+            COLD_START: ("int64", (), 0),
+            ACTIVITY_BUCKET: ("bytes", (), b""),
+        }
+
     def feature_spec(self) -> dict:
         """`tf.io.parse_example` spec of every feature (TensorFlow imported lazily)."""
         import tensorflow as tf
 
-        scalar_bytes = tf.io.FixedLenFeature([], tf.string)
-        scalar_int = tf.io.FixedLenFeature([], tf.int64)
-        seq_bytes = tf.io.FixedLenFeature([self.history_length], tf.string)
-        seq_int = tf.io.FixedLenFeature([self.history_length], tf.int64)
-        num_domains = len(self.domains)
-        return {
-            USER_ID: scalar_bytes,
-            ITEM_ID: scalar_bytes,
-            DOMAIN: scalar_bytes,
-            TIMESTAMP: scalar_int,
-            HISTORY_ITEM_IDS: seq_bytes,
-            HISTORY_DOMAINS: seq_bytes,
-            HISTORY_LENGTH: scalar_int,
-            HISTORY_TIMESTAMPS: seq_int,
-            DOMAIN_HISTORY_ITEM_IDS: tf.io.FixedLenFeature([num_domains, self.domain_history_length], tf.string),
-            DOMAIN_HISTORY_LENGTHS: tf.io.FixedLenFeature([num_domains], tf.int64),
-            TARGET_DOMAIN_CLICKS: scalar_int,
-            OTHER_DOMAIN_CLICKS: scalar_int,
-            LABEL: scalar_int,
-            # Slice features have defaults, so examples made without them still parse.
-            COLD_START: tf.io.FixedLenFeature([], tf.int64, default_value=0),
-            ACTIVITY_BUCKET: tf.io.FixedLenFeature([], tf.string, default_value=b""),
-        }
+        dtypes = {"bytes": tf.string, "int64": tf.int64}
+        return {name: tf.io.FixedLenFeature(list(shape), dtypes[kind], default_value=default)
+                for name, (kind, shape, default) in self.feature_layout().items()}
 
 # The exported SavedModel's `serving_default` signature: serialized tf.Examples in, `ctr` out.
 SERVING_SIGNATURE = "serving_default"

@@ -58,7 +58,7 @@ SCHEMA_FILE = os.path.join("schema", "schema.pbtxt")
 TEMP_DIR = ".temp"  # example files being written; renamed into the splits when complete
 SHARD_BYTES = 64 << 20  # plain text files are parsed in byte ranges of this size
 BLOCK_BYTES = 8 << 20  # a shard is parsed this many bytes of lines at a time
-EVENTS_PER_USER_SHARD = 250_000  # the default number of user shards aims at this many events each
+EVENTS_PER_USER_SHARD = 100_000  # the default number of user shards aims at this many events each
 MAX_USER_SHARDS = 4096
 CHUNK_EVENTS = 65_536  # the features of this many events (of whole users) are computed at once
 GZIP_LEVEL = 1  # zlib level of the example files: 2.3x faster than 6, about 10% larger
@@ -87,7 +87,7 @@ class IngestConfig:
         go to eval); "time": eval is the last `eval_fraction` of the time range.
       max_bad_fraction: the run fails when more than this fraction of records is rejected.
       parse: validation settings (domains, timestamp range).
-      user_shards: number of user shards (0: from the input size, about 250,000 events each).
+      user_shards: number of user shards (0: from the input size, about 100,000 events each).
       shard_bytes: byte range one worker parses of a plain text file.
     """
 
@@ -510,20 +510,17 @@ class GzipTFRecordWriter:
             self._headers[length] = header
         return header
 
-    def write(self, data: np.ndarray, ends: np.ndarray) -> None:
-        """Writes records data[ends[i-1]:ends[i]] (data: uint8 bytes, ends: end offsets)."""
+    def write(self, records: Sequence[bytes]) -> None:
+        """Writes a batch of records."""
         import google_crc32c
 
-        raw = data.tobytes()
-        starts = [0] + ends[:-1].tolist()
-        chunks = [raw[a:b] for a, b in zip(starts, ends.tolist())]
-        footers = _masked_crc32c([google_crc32c.value(c) for c in chunks]).astype("<u4").tobytes()
+        footers = _masked_crc32c([google_crc32c.value(r) for r in records]).astype("<u4").tobytes()
         parts = []
-        for i, chunk in enumerate(chunks):
-            parts += (self._header(len(chunk)), chunk, footers[4 * i:4 * i + 4])
+        for i, record in enumerate(records):
+            parts += (self._header(len(record)), record, footers[4 * i:4 * i + 4])
         self._wait()
         self._pending = self._thread.submit(self._compress, b"".join(parts))
-        self.records += len(chunks)
+        self.records += len(records)
 
     def _compress(self, framed: bytes) -> None:
         self._file.write(self._zip.compress(framed))
@@ -554,8 +551,17 @@ ORACLE_BINS = 100_000
 
 
 def _empty_stats() -> dict:
-    """Stats of no examples: what `_SplitStats` sums up."""
-    return {"domains": {}, "history_lengths": {}, "cold_start": 0, "rows": 0, "oracle": [{}, {}], "users": {}}
+    """Stats of no examples: what `_SplitStats` sums up. "oracle": per label, (score bins, counts)."""
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    return {"domains": {}, "history_lengths": {}, "cold_start": 0, "rows": 0, "oracle": [empty, empty], "users": {}}
+
+
+def _bin_counts(bins, counts=None):
+    """Score bins (with counts, or one each) -> (distinct bins, summed counts)."""
+    bins = np.asarray(bins, np.int64)
+    values, inverse = np.unique(bins, return_inverse=True)
+    weights = np.ones(len(bins), np.int64) if counts is None else np.asarray(counts, np.int64)
+    return values, np.bincount(inverse, weights=weights, minlength=len(values)).astype(np.int64)
 
 
 def _add(counts: dict, key, n) -> None:
@@ -565,7 +571,7 @@ def _add(counts: dict, key, n) -> None:
 def _columns_stats(c: sequences.ExampleColumns, contract: F.Contract) -> dict:
     """Stats of a block of examples of whole users (users counted per domain: no user is in two blocks)."""
     stats = _empty_stats()
-    n, num_domains = len(c), len(contract.domains)
+    n, num_domains = c.size, len(contract.domains)
     rows = np.bincount(c.domain, minlength=num_domains)
     clicks = np.bincount(c.domain, weights=c.label, minlength=num_domains)
     cold = np.bincount(c.domain, weights=c.cold_start, minlength=num_domains)
@@ -574,23 +580,21 @@ def _columns_stats(c: sequences.ExampleColumns, contract: F.Contract) -> dict:
         name = contract.domains[d]
         stats["domains"][name] = {"rows": int(rows[d]), "clicks": int(clicks[d]), "cold_start_rows": int(cold[d])}
         stats["users"][name] = int(users[d])
-    lengths = np.bincount(c.hist_length)
+    lengths = np.bincount(c.event_hist_length())
     stats["history_lengths"] = {str(k): int(v) for k, v in enumerate(lengths) if v}
     stats["rows"], stats["cold_start"] = n, int(c.cold_start.sum())
     scored = c.has_oracle & np.isfinite(c.oracle)
     bins = np.minimum(np.trunc(c.oracle[scored] * ORACLE_BINS).astype(np.int64), ORACLE_BINS - 1)
-    for label in (0, 1):
-        values, counts = np.unique(bins[c.label[scored] == label], return_counts=True)
-        stats["oracle"][label] = dict(zip(values.tolist(), counts.tolist()))
+    stats["oracle"] = [_bin_counts(bins[c.label[scored] == label]) for label in (0, 1)]
     return stats
 
 
 def _row_stats(rows: Iterable[tuple]) -> dict:
     """Stats of example rows (see `_stats_row`); users are counted apart (a heavy user spans blocks)."""
-    stats = _empty_stats()
+    stats, bins = _empty_stats(), ([], [])
     for domain, _, label, history_length, target_clicks, other_clicks, oracle in rows:
         if oracle is not None and np.isfinite(oracle):
-            _add(stats["oracle"][label], min(int(oracle * ORACLE_BINS), ORACLE_BINS - 1), 1)
+            bins[label].append(min(int(oracle * ORACLE_BINS), ORACLE_BINS - 1))
         d = stats["domains"].setdefault(domain, {"rows": 0, "clicks": 0, "cold_start_rows": 0})
         cold = int(target_clicks == 0 and other_clicks > 0)
         d["rows"] += 1
@@ -599,6 +603,7 @@ def _row_stats(rows: Iterable[tuple]) -> dict:
         stats["cold_start"] += cold
         stats["rows"] += 1
         _add(stats["history_lengths"], str(history_length), 1)
+    stats["oracle"] = [_bin_counts(b) for b in bins]
     return stats
 
 
@@ -665,8 +670,8 @@ class _ShardExamples(beam.DoFn):
                     if split not in writers:
                         writers[split] = GzipTFRecordWriter(
                             os.path.join(self._output_dir, TEMP_DIR, f"{split}-{shard}-{uuid.uuid4().hex}.gz"))
-                    for _, data, ends in sequences.encode_examples(part, contract):
-                        writers[split].write(data, ends)
+                    for _, examples in sequences.encode_examples(part, contract):
+                        writers[split].write(examples)
         finally:
             for writer in writers.values():
                 writer.close()
@@ -736,17 +741,17 @@ def _stats_row(example: dict) -> tuple:
 # ---- Stats and summary ---------------------------------------------------------------------------
 
 
-def _binned_auc(positives: dict, negatives: dict):
-    """AUC from {bin: count} of positive and negative scores (ties within a bin count half)."""
-    total_pos, total_neg = sum(positives.values()), sum(negatives.values())
+def _binned_auc(positives, negatives):
+    """AUC from (bins, counts) of positive and negative scores (ties within a bin count half)."""
+    total_pos, total_neg = int(positives[1].sum()), int(negatives[1].sum())
     if not total_pos or not total_neg:
         return None
-    below, area = 0, 0.0
-    for b in sorted(set(positives) | set(negatives)):
-        p, n = positives.get(b, 0), negatives.get(b, 0)
-        area += p * (below + 0.5 * n)
-        below += n
-    return area / (total_pos * total_neg)
+    bins = np.union1d(positives[0], negatives[0])
+    p, n = np.zeros(len(bins)), np.zeros(len(bins))
+    p[np.searchsorted(bins, positives[0])] = positives[1]
+    n[np.searchsorted(bins, negatives[0])] = negatives[1]
+    below = np.cumsum(n) - n  # negatives in lower bins
+    return float(np.sum(p * (below + 0.5 * n))) / (total_pos * total_neg)
 
 
 class _SplitStats(beam.CombineFn):
@@ -765,13 +770,13 @@ class _SplitStats(beam.CombineFn):
         return self.merge_accumulators([acc, stats])
 
     def merge_accumulators(self, accs):
-        result = _empty_stats()
+        result, accs = _empty_stats(), list(accs)
+        result["oracle"] = [_bin_counts(np.concatenate([acc["oracle"][label][0] for acc in accs] + [[]]),
+                                        np.concatenate([acc["oracle"][label][1] for acc in accs] + [[]]))
+                            for label in (0, 1)]
         for acc in accs:
             result["rows"] += acc["rows"]
             result["cold_start"] += acc["cold_start"]
-            for label in (0, 1):
-                for b, n in acc["oracle"][label].items():
-                    _add(result["oracle"][label], b, n)
             for k, n in acc["history_lengths"].items():
                 _add(result["history_lengths"], k, n)
             for domain, n in acc["users"].items():
@@ -830,15 +835,14 @@ def _finish(output_dir: str, *summary_args) -> str:
 
 def schema_text(contract: F.Contract) -> str:
     """The tf.Example schema of the contract, as a tensorflow_metadata Schema in text format."""
-    import tensorflow as tf
     from google.protobuf import text_format
     from tensorflow_metadata.proto.v0 import schema_pb2
 
-    types = {tf.string: schema_pb2.BYTES, tf.int64: schema_pb2.INT, tf.float32: schema_pb2.FLOAT}
+    types = {"bytes": schema_pb2.BYTES, "int64": schema_pb2.INT}
     schema = schema_pb2.Schema()
-    for name, spec in sorted(contract.feature_spec().items()):
-        feature = schema.feature.add(name=name, type=types[spec.dtype])
-        for size in spec.shape:
+    for name, (kind, shape, _) in sorted(contract.feature_layout().items()):
+        feature = schema.feature.add(name=name, type=types[kind])
+        for size in shape:
             feature.shape.dim.add(size=size)
         feature.presence.min_fraction = 1.0
     return text_format.MessageToString(schema)

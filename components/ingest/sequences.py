@@ -166,14 +166,19 @@ def serialize_example(example: dict) -> bytes:
 class ExampleColumns(NamedTuple):
     """The features of n examples as arrays; ids are codes into the vocabularies.
 
+    The history features depend only on the user's clicks before the event's timestamp, so they
+    are kept once per history state (a user and a number of earlier clicks): events between two
+    clicks of a user share one.
+
     Attributes:
       users, items: vocabularies (bytes); `items[-1]` is the padding id F.PAD_ID.
       user, item, domain: (n,) codes (domain: index into contract.domains).
-      ts, label, hist_length, target_clicks, other_clicks, cold_start, activity: (n,) ints
-        (activity: index into F.ACTIVITY_BUCKETS).
-      hist_items, hist_domains (domain code, D = padding), hist_ts: (n, L).
-      domain_hist_items: (n, D * Ld), the (D, Ld) matrix row-major; domain_hist_lengths: (n, D).
+      ts, label, target_clicks, other_clicks, cold_start, activity: (n,) ints (activity: index
+        into F.ACTIVITY_BUCKETS).
       oracle: (n,) float64, NaN where `has_oracle` is False.
+      state: (n,) the event's history state, a row of the arrays below.
+      hist_items, hist_domains (domain code, D = padding), hist_ts: (S, L); hist_length: (S,).
+      domain_hist_items: (S, D * Ld), the (D, Ld) matrix row-major; domain_hist_lengths: (S, D).
     """
 
     users: list
@@ -183,39 +188,48 @@ class ExampleColumns(NamedTuple):
     domain: np.ndarray
     ts: np.ndarray
     label: np.ndarray
-    hist_items: np.ndarray
-    hist_domains: np.ndarray
-    hist_ts: np.ndarray
-    hist_length: np.ndarray
-    domain_hist_items: np.ndarray
-    domain_hist_lengths: np.ndarray
     target_clicks: np.ndarray
     other_clicks: np.ndarray
     cold_start: np.ndarray
     activity: np.ndarray
     oracle: np.ndarray
     has_oracle: np.ndarray
+    state: np.ndarray
+    hist_items: np.ndarray
+    hist_domains: np.ndarray
+    hist_ts: np.ndarray
+    hist_length: np.ndarray
+    domain_hist_items: np.ndarray
+    domain_hist_lengths: np.ndarray
 
-    def __len__(self):
+    EVENT_FIELDS = ("user", "item", "domain", "ts", "label", "target_clicks", "other_clicks", "cold_start", "activity",
+                    "oracle", "has_oracle", "state")
+
+    @property
+    def size(self) -> int:
+        """The number of examples (len() stays the tuple's, which NamedTuple relies on)."""
         return len(self.ts)
 
     def take(self, rows: np.ndarray) -> "ExampleColumns":
-        """The examples at `rows` (vocabularies unchanged)."""
-        return ExampleColumns(self.users, self.items, *(getattr(self, name)[rows] for name in self._fields[2:]))
+        """The examples at `rows` (vocabularies and history states unchanged)."""
+        return self._replace(**{name: getattr(self, name)[rows] for name in self.EVENT_FIELDS})
+
+    def event_hist_length(self) -> np.ndarray:
+        return self.hist_length[self.state]
 
     def to_dicts(self, contract: F.Contract) -> Iterator[dict]:
         """The example dicts of `user_examples`, for tests and the reference path."""
-        pad = len(self.items) - 1
         domains = [d.encode() for d in contract.domains] + [F.PAD_ID]
-        for i in range(len(self)):
+        for i in range(self.size):
+            s = self.state[i]
             example = {
                 F.USER_ID: self.users[self.user[i]], F.ITEM_ID: self.items[self.item[i]],
                 F.DOMAIN: domains[self.domain[i]], F.TIMESTAMP: int(self.ts[i]),
-                F.HISTORY_ITEM_IDS: [self.items[c] for c in self.hist_items[i]],
-                F.HISTORY_DOMAINS: [domains[c] for c in self.hist_domains[i]],
-                F.HISTORY_TIMESTAMPS: self.hist_ts[i].tolist(), F.HISTORY_LENGTH: int(self.hist_length[i]),
-                F.DOMAIN_HISTORY_ITEM_IDS: [self.items[c] if c != pad else F.PAD_ID for c in self.domain_hist_items[i]],
-                F.DOMAIN_HISTORY_LENGTHS: self.domain_hist_lengths[i].tolist(),
+                F.HISTORY_ITEM_IDS: [self.items[c] for c in self.hist_items[s]],
+                F.HISTORY_DOMAINS: [domains[c] for c in self.hist_domains[s]],
+                F.HISTORY_TIMESTAMPS: self.hist_ts[s].tolist(), F.HISTORY_LENGTH: int(self.hist_length[s]),
+                F.DOMAIN_HISTORY_ITEM_IDS: [self.items[c] for c in self.domain_hist_items[s]],
+                F.DOMAIN_HISTORY_LENGTHS: self.domain_hist_lengths[s].tolist(),
                 F.TARGET_DOMAIN_CLICKS: int(self.target_clicks[i]), F.OTHER_DOMAIN_CLICKS: int(self.other_clicks[i]),
                 F.LABEL: int(self.label[i]), F.COLD_START: int(self.cold_start[i]),
                 F.ACTIVITY_BUCKET: F.ACTIVITY_BUCKETS[self.activity[i]][1].encode(),
@@ -307,33 +321,39 @@ def columnar_examples(table, contract: F.Contract) -> ExampleColumns:
     new_ts = new_user.copy()
     new_ts[1:] |= ts[1:] != ts[:-1]
     user_start, group_start = _run_starts(new_user), _run_starts(new_ts)
+    # A history state per user and number of earlier clicks; `reps` is its first event.
+    clicks_before = np.concatenate([[0], np.cumsum(label)])[group_start]
+    new_state = new_user.copy()
+    new_state[1:] |= clicks_before[1:] != clicks_before[:-1]
+    reps, state = np.flatnonzero(new_state), np.cumsum(new_state) - 1
+    rep_groups, rep_users = group_start[reps], user_start[reps]
 
-    indices, valid, total = _last_clicks(label, group_start, user_start, contract.history_length)
-    hist_items = np.where(valid, item[indices], pad_item)
-    hist_domains = np.where(valid, domain[indices], num_domains)
-    hist_ts = np.where(valid, ts[indices], 0)
+    indices, valid, total = _last_clicks(label, rep_groups, rep_users, contract.history_length)
     per_domain_items, per_domain_counts = [], []
     for d in range(num_domains):
-        d_indices, d_valid, d_count = _last_clicks(label * (domain == d), group_start, user_start,
+        d_indices, d_valid, d_count = _last_clicks(label * (domain == d), rep_groups, rep_users,
                                                    contract.domain_history_length)
         per_domain_items.append(np.where(d_valid, item[d_indices], pad_item))
         per_domain_counts.append(d_count)
-    counts = np.stack(per_domain_counts, axis=1) if n else np.zeros((0, num_domains), np.int64)  # (n, D)
-    target = counts[np.arange(n), domain]
+    num_states = len(reps)
+    counts = np.stack(per_domain_counts, axis=1) if num_states else np.zeros((0, num_domains), np.int64)  # (S, D)
+    target, total = counts[state, domain], total[state]
     bounds = np.array([lower for lower, _ in F.ACTIVITY_BUCKETS])
     return ExampleColumns(
         users=[u.encode() for u in user_codes.dictionary.to_pylist()],
         items=[i.encode() for i in item_codes.dictionary.to_pylist()] + [F.PAD_ID],
         user=user, item=item, domain=domain, ts=ts, label=label,
-        hist_items=hist_items, hist_domains=hist_domains, hist_ts=hist_ts,
-        hist_length=valid.sum(axis=1),
-        domain_hist_items=(np.concatenate(per_domain_items, axis=1) if n
-                           else np.zeros((0, num_domains * contract.domain_history_length), np.int64)),
-        domain_hist_lengths=np.minimum(counts, contract.domain_history_length),
         target_clicks=target, other_clicks=total - target,
         cold_start=((target == 0) & (total > 0)).astype(np.int64),
         activity=np.searchsorted(bounds, total, side="right") - 1,
-        oracle=oracle, has_oracle=has_oracle,
+        oracle=oracle, has_oracle=has_oracle, state=state,
+        hist_items=np.where(valid, item[indices], pad_item),
+        hist_domains=np.where(valid, domain[indices], num_domains),
+        hist_ts=np.where(valid, ts[indices], 0),
+        hist_length=valid.sum(axis=1),
+        domain_hist_items=(np.concatenate(per_domain_items, axis=1) if num_states
+                           else np.zeros((0, num_domains * contract.domain_history_length), np.int64)),
+        domain_hist_lengths=np.minimum(counts, contract.domain_history_length),
     )
 
 
@@ -369,41 +389,40 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-_SMALL_VARINTS = None  # (bytes, offsets, lengths) of the varints of 0.._SMALL-1, made once
+_SMALL_VARINTS = None  # the varints of 0.._SMALL-1 as bytes, made once
 
 
 class _Pool:
-    """Byte strings ("tokens") in one buffer; `add` and `ints` return token ids, `gather` joins rows of them."""
+    """Byte strings ("tokens") with ids; `add` and `ints` return ids, `gather` joins rows of them."""
 
     def __init__(self):
         global _SMALL_VARINTS
         if _SMALL_VARINTS is None:
             rows, lengths = varints(np.arange(_SMALL))
-            _SMALL_VARINTS = (rows[np.arange(10)[None, :] < lengths[:, None]], np.cumsum(lengths) - lengths, lengths)
-        data, offsets, lengths = _SMALL_VARINTS
-        self._data, self._offsets, self._lengths = [data], [offsets], [lengths]
-        self._size, self._bytes = _SMALL, len(data)
-        self._merged = None
+            _SMALL_VARINTS = [row[:length].tobytes() for row, length in zip(rows, lengths)]
+        self._size = 0
+        self._objects, self._lengths = np.empty(2 * _SMALL, object), np.zeros(2 * _SMALL, np.int64)
+        self.add(_SMALL_VARINTS)
 
-    def _append(self, data: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """Tokens of consecutive byte strings: `data` cut at `lengths`."""
-        ids = np.arange(self._size, self._size + len(lengths))
-        self._data.append(data)
-        self._offsets.append(self._bytes + np.cumsum(lengths) - lengths)
-        self._lengths.append(lengths)
-        self._size += len(lengths)
-        self._bytes += len(data)
-        self._merged = None
-        return ids
+    def add(self, values: list, lengths: Optional[np.ndarray] = None) -> np.ndarray:
+        """Tokens of byte strings (`lengths`: their lengths, when known)."""
+        start, stop = self._size, self._size + len(values)
+        if stop > len(self._lengths):  # grow by doubling
+            capacity = max(stop, 2 * len(self._lengths))
+            objects, lengths_ = np.empty(capacity, object), np.zeros(capacity, np.int64)
+            objects[:start], lengths_[:start] = self._objects[:start], self._lengths[:start]
+            self._objects, self._lengths = objects, lengths_
+        self._objects[start:stop] = values
+        self._lengths[start:stop] = [len(v) for v in values] if lengths is None else lengths
+        self._size = stop
+        return np.arange(start, stop)
 
     def add_rows(self, rows: np.ndarray, lengths) -> np.ndarray:
         """Tokens from the first `lengths[i]` bytes of each row of `rows` (m, width) uint8."""
         lengths = np.asarray(lengths, np.int64)
-        return self._append(rows[np.arange(rows.shape[1])[None, :] < lengths[:, None]], lengths)
-
-    def add(self, values: list) -> np.ndarray:
-        """Tokens of byte strings."""
-        return self._append(np.frombuffer(b"".join(values), np.uint8), np.array([len(v) for v in values], np.int64))
+        raw = rows[np.arange(rows.shape[1])[None, :] < lengths[:, None]].tobytes()
+        ends = np.cumsum(lengths).tolist()
+        return self.add([raw[a:b] for a, b in zip([0] + ends[:-1], ends)], lengths)
 
     def ints(self, values) -> np.ndarray:
         """Varint tokens of int `values` (any shape): small ones from the table, others added."""
@@ -418,33 +437,17 @@ class _Pool:
     def fork(self) -> "_Pool":
         """A pool that starts with this one's tokens; what is added to it stays out of this one."""
         pool = _Pool.__new__(_Pool)
-        pool._data, pool._offsets, pool._lengths = list(self._data), list(self._offsets), list(self._lengths)
-        pool._size, pool._bytes, pool._merged = self._size, self._bytes, self._merged
+        pool._size, pool._objects, pool._lengths = self._size, self._objects.copy(), self._lengths.copy()
         return pool
 
-    def _merge(self):
-        if self._merged is None:
-            self._merged = tuple(np.concatenate(parts) for parts in (self._data, self._offsets, self._lengths))
-        return self._merged
-
     def length(self, tokens: np.ndarray) -> np.ndarray:
-        return self._merge()[2][tokens]
+        return self._lengths[tokens]
 
-    def gather(self, tokens: np.ndarray):
-        """Rows of token ids (n, K) -> (their bytes concatenated, as uint8; the end offset of each row)."""
-        data, offsets, lengths = self._merge()
-        row_lengths = lengths[tokens].sum(axis=1)
-        flat = tokens.ravel()
-        flat = flat[lengths[flat] > 0]
-        sizes, sources = lengths[flat], offsets[flat]
-        # Byte k of the output comes from pool byte src[k] = src[k-1] + 1 within a token, and
-        # jumps to the token's offset where a token starts: a cumulative sum of steps.
-        starts = np.cumsum(sizes) - sizes
-        steps = np.ones(int(sizes.sum()), np.int32 if len(data) < 2**31 else np.int64)
-        steps[starts[1:]] = sources[1:] - (sources[:-1] + sizes[:-1]) + 1
-        if len(steps):
-            steps[0] = sources[0]
-        return data[np.cumsum(steps)], np.cumsum(row_lengths)
+    def gather(self, tokens: np.ndarray) -> list:
+        """Rows of token ids (n, K) -> the bytes of each row."""
+        ends = np.cumsum(self._lengths[tokens].sum(axis=1)).tolist()
+        joined = b"".join(self._objects[tokens.ravel()].tolist())
+        return [joined[a:b] for a, b in zip([0] + ends[:-1], ends)]
 
 
 class _Feature(NamedTuple):
@@ -452,47 +455,77 @@ class _Feature(NamedTuple):
     kind: int  # _BYTES, _FLOAT or _INT
     values: np.ndarray  # (n, w) token ids: BytesList entries, or the packed varints / floats
     present: Optional[np.ndarray] = None  # (n,) bool; None: every example has the feature
+    few: bool = False  # few distinct rows: each is encoded once and becomes a single token
 
 
-def _encode(pool: _Pool, features: list, n: int):
-    """Examples of `features` -> (bytes, row ends), entries in key order as deterministic serialization."""
-    field1, empty = pool.add([b"\x0a", b""])
-    kind_tokens = dict(zip((_BYTES, _FLOAT, _INT), pool.add([bytes([_BYTES]), bytes([_FLOAT]), bytes([_INT])])))
+def _entries(pool: _Pool, feature: _Feature):
+    """A feature's map entries: (token rows (n, k), byte length of each row)."""
+    n = len(feature.values)
+    field1, kind = pool.add([b"\x0a", bytes([feature.kind])])
+    key = feature.name.encode()
+    key_part = pool.add([b"\x0a" + _varint(len(key)) + key + b"\x12"])[0]  # entry field 1 (key), then field 2's tag
+    payload = pool.length(feature.values).sum(axis=1)
+    if feature.kind == _BYTES:  # BytesList: the value entries themselves
+        head, list_len = [], payload
+    else:  # Int64List / FloatList: field 1, packed
+        packed = pool.ints(payload)
+        head, list_len = [np.full(n, field1), packed], 1 + pool.length(packed) + payload
+    list_tokens = pool.ints(list_len)
+    feature_len = 1 + pool.length(list_tokens) + list_len
+    feature_tokens = pool.ints(feature_len)
+    entry_len = pool.length(key_part) + pool.length(feature_tokens) + feature_len
+    entry_tokens = pool.ints(entry_len)
+    rows = np.column_stack([np.full(n, field1), entry_tokens, np.full(n, key_part), feature_tokens, np.full(n, kind),
+                            list_tokens, *head, feature.values])
+    return rows, 1 + pool.length(entry_tokens) + entry_len
 
-    def column(token):
-        return np.full(n, token)
 
-    blocks, features_len = [], np.zeros(n, np.int64)
+def _distinct_rows(values: np.ndarray):
+    """(index of a row of each distinct row, which distinct row each row is) of an (n, w) int array.
+
+    Column by column: the pair (distinct prefix, next value) is renumbered densely each time,
+    so the key never overflows (np.unique with axis=0 sorts row views, much slower).
+    """
+    key = np.zeros(len(values), np.int64)
+    for column in values.T:
+        _, column = np.unique(column, return_inverse=True)
+        _, key = np.unique(key * (column.max(initial=0) + 1) + column, return_inverse=True)
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    return first, inverse.reshape(-1)
+
+
+def _encode(pool: _Pool, features: list, n: int, outside: Optional[np.ndarray] = None) -> list:
+    """Rows of `features` (map entries of a Features message, in key order) -> their bytes.
+
+    With `outside` (the byte length of more entries that follow each row), each row starts with
+    the Example's header (field 1, the length of all the entries), so that it and its `outside`
+    entries are one serialized Example.
+    """
+    empty = pool.add([b""])[0]
+    blocks, entries_len = [], np.zeros(n, np.int64)
     for feature in sorted(features, key=lambda f: f.name):
-        key = feature.name.encode()
-        key_part = b"\x0a" + _varint(len(key)) + key + b"\x12"  # entry field 1 (key), then field 2's tag
-        payload = pool.length(feature.values).sum(axis=1)
-        if feature.kind == _BYTES:  # BytesList: the value entries themselves
-            head, list_len = [], payload
-        else:  # Int64List / FloatList: field 1, packed
-            packed = pool.ints(payload)
-            head, list_len = [column(field1), packed], 1 + pool.length(packed) + payload
-        list_tokens = pool.ints(list_len)
-        feature_len = 1 + pool.length(list_tokens) + list_len
-        feature_tokens = pool.ints(feature_len)
-        entry_len = len(key_part) + pool.length(feature_tokens) + feature_len
-        entry_tokens = pool.ints(entry_len)
-        block = np.column_stack([column(field1), entry_tokens, column(pool.add([key_part])[0]), feature_tokens,
-                                 column(kind_tokens[feature.kind]), list_tokens, *head, feature.values])
-        entry_total = 1 + pool.length(entry_tokens) + entry_len
+        if feature.few:
+            first, inverse = _distinct_rows(feature.values)
+            rows, lengths = _entries(pool, feature._replace(values=feature.values[first]))
+            tokens = pool.add(pool.gather(rows), lengths)
+            rows, lengths = tokens[inverse][:, None], lengths[inverse]
+        else:
+            rows, lengths = _entries(pool, feature)
         if feature.present is not None:
-            block[~feature.present] = empty
-            entry_total = np.where(feature.present, entry_total, 0)
-        blocks.append(block)
-        features_len += entry_total
-    return pool.gather(np.column_stack([column(field1), pool.ints(features_len), *blocks]))
+            rows[~feature.present] = empty
+            lengths = np.where(feature.present, lengths, 0)
+        blocks.append(rows)
+        entries_len += lengths
+    if outside is not None:
+        blocks.insert(0, np.column_stack([np.full(n, pool.add([b"\x0a"])[0]), pool.ints(entries_len + outside)]))
+    return pool.gather(np.column_stack(blocks))
 
 
 def encode_examples(columns: ExampleColumns, contract: F.Contract, chunk: int = 4096) -> Iterator[tuple]:
-    """Serialized tf.Examples of `columns`, `chunk` at a time: yields (rows, data, ends).
+    """Serialized tf.Examples of `columns`, `chunk` at a time: yields (rows, list of bytes).
 
-    `rows` are the indices of the chunk's examples in `columns`; example rows[i] is
-    data[ends[i-1]:ends[i]] (data: uint8), with the features in key order.
+    `rows` are the indices in `columns` of the chunk's examples. An example is its event's own
+    features followed by its history state's, encoded once per state in the chunk.
     """
     base = _Pool()
 
@@ -507,26 +540,32 @@ def encode_examples(columns: ExampleColumns, contract: F.Contract, chunk: int = 
     def scalar(tokens):
         return tokens[:, None]
 
-    for start in range(0, len(columns), chunk):
-        rows = np.arange(start, min(len(columns), start + chunk))
-        c, pool, n = columns.take(rows), base.fork(), len(rows)
+    for start in range(0, columns.size, chunk):
+        rows = np.arange(start, min(columns.size, start + chunk))
+        c, n = columns.take(rows), len(rows)
+        states, local = np.unique(c.state, return_inverse=True)
+        pool = base.fork()
+        histories = _encode(pool, [
+            _Feature(F.HISTORY_ITEM_IDS, _BYTES, items[columns.hist_items[states]]),
+            _Feature(F.HISTORY_DOMAINS, _BYTES, domains[columns.hist_domains[states]], few=True),
+            _Feature(F.HISTORY_TIMESTAMPS, _INT, pool.ints(columns.hist_ts[states])),
+            _Feature(F.HISTORY_LENGTH, _INT, scalar(pool.ints(columns.hist_length[states])), few=True),
+            _Feature(F.DOMAIN_HISTORY_ITEM_IDS, _BYTES, items[columns.domain_hist_items[states]]),
+            _Feature(F.DOMAIN_HISTORY_LENGTHS, _INT, pool.ints(columns.domain_hist_lengths[states]), few=True),
+        ], len(states))
+        history_lengths = np.array([len(h) for h in histories], np.int64)
         floats = np.ascontiguousarray(np.nan_to_num(c.oracle).astype("<f4")).view(np.uint8).reshape(n, 4)
-        data, ends = _encode(pool, [
-            _Feature(F.USER_ID, _BYTES, scalar(users[c.user])),
-            _Feature(F.ITEM_ID, _BYTES, scalar(items[c.item])),
-            _Feature(F.DOMAIN, _BYTES, scalar(domains[c.domain])),
+        pool = base.fork()
+        own = _encode(pool, [
+            _Feature(F.USER_ID, _BYTES, scalar(users[c.user]), few=True),
+            _Feature(F.ITEM_ID, _BYTES, scalar(items[c.item]), few=True),
+            _Feature(F.DOMAIN, _BYTES, scalar(domains[c.domain]), few=True),
             _Feature(F.TIMESTAMP, _INT, scalar(pool.ints(c.ts))),
-            _Feature(F.HISTORY_ITEM_IDS, _BYTES, items[c.hist_items]),
-            _Feature(F.HISTORY_DOMAINS, _BYTES, domains[c.hist_domains]),
-            _Feature(F.HISTORY_TIMESTAMPS, _INT, pool.ints(c.hist_ts)),
-            _Feature(F.HISTORY_LENGTH, _INT, scalar(pool.ints(c.hist_length))),
-            _Feature(F.DOMAIN_HISTORY_ITEM_IDS, _BYTES, items[c.domain_hist_items]),
-            _Feature(F.DOMAIN_HISTORY_LENGTHS, _INT, pool.ints(c.domain_hist_lengths)),
-            _Feature(F.TARGET_DOMAIN_CLICKS, _INT, scalar(pool.ints(c.target_clicks))),
-            _Feature(F.OTHER_DOMAIN_CLICKS, _INT, scalar(pool.ints(c.other_clicks))),
-            _Feature(F.LABEL, _INT, scalar(pool.ints(c.label))),
-            _Feature(F.COLD_START, _INT, scalar(pool.ints(c.cold_start))),
-            _Feature(F.ACTIVITY_BUCKET, _BYTES, scalar(buckets[c.activity])),
+            _Feature(F.TARGET_DOMAIN_CLICKS, _INT, scalar(pool.ints(c.target_clicks)), few=True),
+            _Feature(F.OTHER_DOMAIN_CLICKS, _INT, scalar(pool.ints(c.other_clicks)), few=True),
+            _Feature(F.LABEL, _INT, scalar(pool.ints(c.label)), few=True),
+            _Feature(F.COLD_START, _INT, scalar(pool.ints(c.cold_start)), few=True),
+            _Feature(F.ACTIVITY_BUCKET, _BYTES, scalar(buckets[c.activity]), few=True),
             _Feature(F.ORACLE_CTR, _FLOAT, scalar(pool.add_rows(floats, np.full(n, 4))), c.has_oracle),
-        ], n)
-        yield rows, data, ends
+        ], n, outside=history_lengths[local])
+        yield rows, [head + histories[j] for head, j in zip(own, local.tolist())]
