@@ -108,8 +108,8 @@ def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epoc
             results.append(ranking.evaluate([interactions], os.path.join(directory, "rankings", f"{baseline}-{seed}"),
                                             baseline=baseline, seed=seed, splits=[ranking.TEST], max_users=max_users))
             _print_loo(results[-1])
-    for name in model_names:
-        for seed in seeds:
+    for seed in seeds:  # every model at one seed before the next seed: an interrupted run still compares them
+        for name in model_names:
             started = time.monotonic()
             model, config, info = train.train_model(name, overrides, contract, files, rows, seed=seed, epochs=epochs,
                                                     batch_size=batch_size, patience=patience)

@@ -282,3 +282,18 @@ def test_cli_import_interactions_leave_one_out(tmp_path, capsys):
     assert sorted(clicks) == sorted([("u1", "b1", 5), ("u1", "a1", 10), ("u1", "a2", 11), ("u2", "a1", 7),
                                      ("u2", "a2", 8), ("u3", "a4", 1), ("u3", "b3", 2)])
     assert len(records) == 14
+
+
+def test_cooccurrence_reference_by_hand(tmp_path):
+    # Train parts: v1 = [x, y], v2 = [x, y, z], v3 = [x, w] (each user has two more rows held out).
+    rows = [("v1", "x", "a", 1), ("v1", "y", "a", 2), ("v1", "h1", "a", 3), ("v1", "h2", "a", 4),
+            ("v2", "x", "a", 1), ("v2", "y", "a", 2), ("v2", "z", "a", 3), ("v2", "h3", "a", 4), ("v2", "h4", "a", 5),
+            ("v3", "x", "a", 1), ("v3", "w", "a", 2), ("v3", "h5", "a", 3), ("v3", "h6", "a", 4)]
+    seqs = _sequences(tmp_path, rows)
+    score = ranking.baseline_scorer(seqs, "cooccurrence", 0)
+    case = next(c for c in ranking.cases(seqs, ranking.VALID) if seqs.users[c.user] == "v3")
+    # v3's valid input is [x, w] (w the latest, weight 1; x weight 1/2). C[w, y] = 0, C[x, y] = 2
+    # (v1, v2); C[x, z] = 1; C[w, z] = 0; so y: 1/2 * 2 = 1, z: 1/2 * 1 = 0.5; plus 0.001 x popularity
+    # (y 2, z 1) and a jitter below 1e-6.
+    scores = score(case, b"", ["y", "z", "h1"], ["a"] * 3)
+    np.testing.assert_allclose(scores, [1.0 + 0.002, 0.5 + 0.001, 0.0], atol=2e-6)

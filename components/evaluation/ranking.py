@@ -30,8 +30,11 @@ signature: one tf.Example of the case (the same history features as the ingestio
 the input rows with ts') and the 1,000 candidates.
 
 Reference scorers: `popularity` (the item's interactions in the train part, ties broken by a
-seeded random jitter below 1, so the strictly-higher rule cannot flatter it) and `random`
-(uniform scores: expected HR@10 = 10 / 1000 = 0.010).
+seeded random jitter below 1, so the strictly-higher rule cannot flatter it), `random`
+(uniform scores: expected HR@10 = 10 / 1000 = 0.010) and `cooccurrence`, item-to-item
+co-occurrence without any learning: score(c) = sum over the case's history items h_k (k = 0 the
+latest) of C[h_k, c] / (k + 1), C[i, j] = the number of users whose train part holds both i and
+j, plus 0.001 x popularity and the jitter to break ties.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ RESULT_FILE = "ranking.json"
 MARKDOWN_FILE = "ranking.md"
 OVERALL = "overall"
 METRICS = ("hr@5", "hr@10", "ndcg@10", "mrr")
-BASELINES = ("popularity", "random")
+BASELINES = ("popularity", "random", "cooccurrence")
 PROGRESS_EVERY = 1000
 
 # ABXI (Bian et al., WWW'25), Table 3, the afk set = amazon-food-kitchen, mean of 5 seeds.
@@ -271,13 +274,30 @@ def saved_model_scorer(model_dir: str) -> tuple:
     return contract, score, loaded
 
 
+def _cooccurrence(seqs: Sequences, rows: list):
+    """C (items x items, scipy CSR): C[i, j] = users whose train part holds both i and j (i != j)."""
+    import scipy.sparse
+
+    users = np.array([u for u, _, _ in rows], dtype=np.int64)
+    items = np.array([i for _, i, _ in rows], dtype=np.int64)
+    incidence = scipy.sparse.csr_matrix((np.ones(len(rows)), (users, items)), shape=(len(seqs.users), len(seqs.items)))
+    incidence.data[:] = 1.0  # a repeated item counts once per user
+    counts = (incidence.T @ incidence).tocsr()
+    counts.setdiag(0.0)
+    counts.eliminate_zeros()
+    return counts
+
+
 def baseline_scorer(seqs: Sequences, name: str, seed: int) -> Scorer:
-    """`popularity` (train-part interactions of the item + a jitter in [0, 0.5)) or `random`."""
+    """`popularity` (train-part interactions of the item + a jitter in [0, 0.5)), `random`, or
+    `cooccurrence` (see the module docstring)."""
     if name not in BASELINES:
         raise ValueError(f"`baseline` must be one of {list(BASELINES)}. Received: baseline={name!r}")
+    rows = train_part(seqs)
     counts = np.zeros(len(seqs.items), dtype=np.float64)
-    for _, item, _ in train_part(seqs):
+    for _, item, _ in rows:
         counts[item] += 1
+    together = _cooccurrence(seqs, rows) if name == "cooccurrence" else None
     index = {name: code for code, name in enumerate(seqs.items)}
 
     def score(case, example, items, domains):
@@ -285,7 +305,14 @@ def baseline_scorer(seqs: Sequences, name: str, seed: int) -> Scorer:
         noise = rng.random(len(items))
         if name == "random":
             return noise
-        return counts[[index[i] for i in items]] + 0.5 * noise
+        codes = [index[i] for i in items]
+        popularity = counts[codes]
+        if together is None:
+            return popularity + 0.5 * noise
+        history = [item for item, _ in reversed(case.history)]  # latest first
+        weights = 1.0 / (1.0 + np.arange(len(history)))  # (H,)
+        shared = together[history][:, codes].toarray() if history else np.zeros((0, len(codes)))  # (H, N)
+        return weights @ shared + 1e-3 * popularity + 1e-6 * noise
 
     return score
 
