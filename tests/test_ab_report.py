@@ -25,7 +25,7 @@ def test_wilson_interval_by_hand():
     # half = 1.96 * sqrt(0.1 * 0.9 / 100 + 3.8415 / 40000) / 1.038415 = 0.05957.
     low, high = ab_report.wilson_interval(10, 100)
     assert (low, high) == pytest.approx((0.05523, 0.17437), abs=1e-5)
-    assert ab_report.wilson_interval(0, 20)[0] == 0.0  # Wilson stays inside [0, 1] without clipping tricks
+    assert ab_report.wilson_interval(0, 20)[0] == pytest.approx(0.0)  # Wilson stays inside [0, 1] without clipping tricks
     assert ab_report.wilson_interval(0, 0) is None
 
 
@@ -78,11 +78,11 @@ def test_join_rules_by_hand():
     a, b = report["arms"]["a"], report["arms"]["b"]
     # a: scored u1/i1, i2, i3 at 1000 and u1/i1 at 2000; shown: i1@1000 (clicked), i1@2000 (not).
     assert (a["requests"], a["users"], a["scored"], a["impressions"], a["clicks"]) == (2, 1, 4, 2, 1)
-    assert a["ctr"] == 0.5
+    assert a["ctr"] == pytest.approx(0.5)
     # The two labelled impressions: score 0.9 clicked, 0.5 not: AUC 1.
-    assert a["auc"] == 1.0
+    assert a["auc"] == pytest.approx(1.0)
     assert (b["requests"], b["fallback_requests"], b["impressions"], b["fallback_impressions"], b["clicks"]) == (2, 1, 2, 2, 1)
-    assert b["auc"] == 0.0  # i9 (0.2) clicked, i1 (0.3) not
+    assert b["auc"] == pytest.approx(0.0)  # i9 (0.2) clicked, i1 (0.3) not
     assert report["inputs"] == {
         "assignment_lines": 4, "scored_examples": 8, "scored_without_user": 1, "scored_duplicate_item": 1,
         "scored_without_item": 0, "scored_not_shown": 2, "click_records": 8, "click_records_joined": 5,
@@ -249,6 +249,6 @@ def test_report_from_a_real_router(tmp_path):
     a, b = report["arms"]["a"], report["arms"]["b"]
     assert (a["requests"], a["scored"], a["impressions"], a["clicks"], a["model_versions"]) == (1, 3, 2, 1, {"1": 1})
     assert (b["requests"], b["scored"], b["impressions"], b["clicks"], b["model_versions"]) == (1, 3, 2, 0, {"2": 1})
-    assert a["auc"] == 0.5  # one constant score per arm: every pair tied
+    assert a["auc"] == pytest.approx(0.5)  # one constant score per arm: every pair tied
     assert b["auc"] is None  # no clicks
     assert report["differences"][0]["ctr_diff"] == pytest.approx(-0.5)

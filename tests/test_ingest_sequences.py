@@ -197,7 +197,7 @@ def test_target_in_history_only_if_clicked_earlier():
 def test_oracle_ctr_is_passed_through_only_when_present():
     events = [imp(1, "a", 1, oracle=0.25), imp(2, "b", 0)]
     out = list(sequences.user_examples(USER, events, F.Contract(("A",), history_length=1)))
-    assert out[0][F.ORACLE_CTR] == 0.25
+    assert out[0][F.ORACLE_CTR] == pytest.approx(0.25)
     assert F.ORACLE_CTR not in out[1]
 
 

@@ -731,7 +731,7 @@ def test_tf_serving_flag_spellings_are_accepted(batching_flags, enabled):
     options = server.options_from_args(args)
     assert (options.port, options.rest_api_port, options.rest_api_timeout_in_ms) == (9000, 8501, 5000)
     assert (options.model_name, options.model_base_path) == ("half", "/m")
-    assert options.file_system_poll_wait_seconds == 30.0
+    assert options.file_system_poll_wait_seconds == pytest.approx(30.0)
     assert options.monitoring_config_file == "/c/monitoring.config"
     assert options.enable_batching is enabled
 

@@ -78,9 +78,9 @@ def test_tasks_waiting_for_a_busy_thread_run_as_one_batch(scheduler_factory):
     third = scheduler.submit(KEY, run, rows(6), 1)
     run.release.set()
     assert run.batches[:1] == [2]
-    np.testing.assert_array_equal(first.result(WAIT_SECONDS)["y"], [2, 4])
-    np.testing.assert_array_equal(second.result(WAIT_SECONDS)["y"], [6, 8, 10])  # each task gets its own rows
-    np.testing.assert_array_equal(third.result(WAIT_SECONDS)["y"], [12])
+    np.testing.assert_allclose(first.result(WAIT_SECONDS)["y"], [2, 4], rtol=1e-6)
+    np.testing.assert_allclose(second.result(WAIT_SECONDS)["y"], [6, 8, 10], rtol=1e-6)  # each task gets its own rows
+    np.testing.assert_allclose(third.result(WAIT_SECONDS)["y"], [12], rtol=1e-6)
     assert run.batches == [2, 4]  # the second and third tasks ran together
 
 
@@ -93,7 +93,7 @@ def test_a_cancelled_task_leaves_its_batch(scheduler_factory):
     kept = scheduler.submit(KEY, run, rows(4), 1)
     assert gone.cancel()
     run.release.set()
-    np.testing.assert_array_equal(kept.result(WAIT_SECONDS)["y"], [8])
+    np.testing.assert_allclose(kept.result(WAIT_SECONDS)["y"], [8], rtol=1e-6)
     first.result(WAIT_SECONDS)
     assert run.batches == [1, 1]  # the second batch ran without the cancelled task's 2 rows
 

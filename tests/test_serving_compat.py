@@ -238,11 +238,11 @@ def test_counter_with_reference_variables(stub):
             request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=tf.float32))
         return stub.Predict(request, timeout=TIMEOUT).outputs["output"].float_val[0]
 
-    assert call("reset_counter") == 0.0
+    assert call("reset_counter") == pytest.approx(0.0)
     assert [call("incr_counter") for _ in range(3)] == [1.0, 2.0, 3.0]
-    assert call("incr_counter_by", delta=2.5) == 5.5
-    assert call("get_counter") == 5.5
-    assert call("reset_counter") == 0.0
+    assert call("incr_counter_by", delta=2.5) == pytest.approx(5.5)
+    assert call("get_counter") == pytest.approx(5.5)
+    assert call("reset_counter") == pytest.approx(0.0)
 
 
 # ----------------------------------------------------------------------------------------------

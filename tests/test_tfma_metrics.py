@@ -103,8 +103,8 @@ def test_metric_config_round_trip_and_threshold_builders():
     assert keys == {"viewer_gauc", "viewer_gauc_users", "viewer_gauc_users_skipped"}
 
     threshold = M.gauc_threshold(min_value=0.6, max_drop=0.01)
-    assert threshold.value_threshold.lower_bound.value == 0.6
-    assert threshold.change_threshold.absolute.value == -0.01
+    assert threshold.value_threshold.lower_bound.value == pytest.approx(0.6)
+    assert threshold.change_threshold.absolute.value == pytest.approx(-0.01)
     assert threshold.change_threshold.direction == config_pb2.MetricDirection.HIGHER_IS_BETTER
     with pytest.raises(ValueError, match="max_drop"):
         M.gauc_threshold(max_drop=-0.1)
