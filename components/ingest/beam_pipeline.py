@@ -828,7 +828,10 @@ def _summarise(split_stats, dead_counts, duplicates, cutoff, contract, read=()):
 def _finish(output_dir: str, *summary_args) -> str:
     """The summary JSON, once every example file is in place; removes the temporary files."""
     temp = os.path.join(output_dir, TEMP_DIR)
-    if FileSystems.exists(temp):
+    leftovers = FileSystems.match([FileSystems.join(temp, "*")])[0].metadata_list  # from failed attempts
+    if leftovers:
+        FileSystems.delete([m.path for m in leftovers])
+    if FileSystems.exists(temp):  # a local directory (object stores have none)
         FileSystems.delete([temp])
     return _summarise(*summary_args)
 
