@@ -2,7 +2,8 @@
 
 For each event count, a log is generated once (cached next to the results) and ingested with the
 DirectRunner in each running mode, `repeat` times, in a child process whose peak resident memory
-(the process and its workers) is sampled. A run that loses records fails the ingestion's
+(the process and its workers) is sampled and whose CPU time is counted (events per CPU second
+depend less than events per second on other load of a shared machine). A run that loses records fails the ingestion's
 `records_read` check and is recorded as failed. Prints a table and writes JSON.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -69,7 +71,7 @@ def _run_one(log: str, out_dir: str, mode: str, workers: int) -> dict:
         "print(json.dumps(s))"
     )
     args = [sys.executable, "-c", code, log, out_dir, f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
-    started = time.time()
+    started, cpu_before = time.time(), _children_cpu()
     child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stop, peak = threading.Event(), []
     sampler = threading.Thread(target=_peak_rss, args=(psutil.Process(child.pid), stop, peak))
@@ -82,14 +84,22 @@ def _run_one(log: str, out_dir: str, mode: str, workers: int) -> dict:
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
         raise IngestionFailed(lines[-1] if lines else f"exit status {child.returncode}", seconds)
     summary = json.loads(stdout.strip().splitlines()[-1])
-    return {"seconds": seconds, "peak_rss_mb": peak[0] / 2**20, "summary": summary}
+    return {"seconds": seconds, "cpu_seconds": _children_cpu() - cpu_before, "peak_rss_mb": peak[0] / 2**20,
+            "summary": summary}
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of the finished children (the ingestion and its Beam workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run(events: List[int], modes: List[str], workers: int, workdir: str, out: str, repeat: int = 1,
         log_format: str = "jsonl.gz") -> list:
     os.makedirs(workdir, exist_ok=True)
     results = []
-    print(f"{'events':>10} {'mode':>16} {'workers':>7} {'run':>3} {'seconds':>9} {'events/s':>10} {'peak MB':>9}")
+    print(f"{'events':>10} {'mode':>16} {'workers':>7} {'run':>3} {'seconds':>9} {'events/s':>10} {'cpu s':>8} "
+          f"{'events/cpu s':>12} {'peak MB':>9} {'load':>5}")
     for n in events:
         started = time.time()
         log = _log_for(n, workdir, log_format)
@@ -111,11 +121,13 @@ def run(events: List[int], modes: List[str], workers: int, workdir: str, out: st
                     continue
                 total = r["summary"]["records_read"]
                 row = {"events": total, **base, "seconds": round(r["seconds"], 2),
-                       "events_per_second": round(total / r["seconds"]), "peak_rss_mb": round(r["peak_rss_mb"]),
+                       "events_per_second": round(total / r["seconds"]), "cpu_seconds": round(r["cpu_seconds"], 1),
+                       "events_per_cpu_second": round(total / r["cpu_seconds"]), "peak_rss_mb": round(r["peak_rss_mb"]),
                        "examples": r["summary"]["good_records"]}
                 results.append(row)
                 print(f"{total:>10} {mode:>16} {workers:>7} {run_index:>3} {row['seconds']:>9} "
-                      f"{row['events_per_second']:>10} {row['peak_rss_mb']:>9}", flush=True)
+                      f"{row['events_per_second']:>10} {row['cpu_seconds']:>8} {row['events_per_cpu_second']:>12} "
+                      f"{row['peak_rss_mb']:>9} {base['load_average'][0]:>5}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)
