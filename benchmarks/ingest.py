@@ -1,14 +1,19 @@
 """`xdctr benchmark ingest`: throughput and peak memory of the Beam ingestion on generated logs.
 
 For each event count, a log is generated once (cached next to the results) and ingested with the
-DirectRunner in each running mode, in a child process whose peak resident memory (the process
-and its workers) is sampled. Prints a table and writes JSON.
+DirectRunner in each running mode, `repeat` times, in a child process whose peak resident memory
+(the process and its workers) is sampled and whose CPU time is counted (events per CPU second
+depend less than events per second on other load of a shared machine). A run that loses records fails the ingestion's
+`records_read` check and is recorded as failed. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -22,14 +27,18 @@ from components.ingest import generator
 MEAN_EVENTS_PER_USER = 30.0
 
 
-def _log_for(events: int, workdir: str) -> str:
-    path = os.path.join(workdir, f"logs-{events}.jsonl.gz")
+def _log_for(events: int, workdir: str, suffix: str = "jsonl.gz") -> str:
+    path = os.path.join(workdir, f"logs-{events}.{suffix}")
+    if not os.path.exists(path) and suffix == "jsonl" and os.path.exists(path + ".gz"):
+        with gzip.open(path + ".gz", "rb") as source, open(path + ".partial", "wb") as target:
+            shutil.copyfileobj(source, target, 1 << 24)
+        os.replace(path + ".partial", path)
     if not os.path.exists(path):
         config = generator.GeneratorConfig(
             num_users=max(1, int(events / MEAN_EVENTS_PER_USER)), mean_events_per_user=MEAN_EVENTS_PER_USER,
             items_per_domain=5000, num_days=90, seed=0,
         )
-        partial = path + ".partial.jsonl.gz"
+        partial = path + f".partial.{suffix}"
         generator.generate_file(config, partial)
         os.replace(partial, path)
     return path
@@ -62,7 +71,7 @@ def _run_one(log: str, out_dir: str, mode: str, workers: int) -> dict:
         "print(json.dumps(s))"
     )
     args = [sys.executable, "-c", code, log, out_dir, f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
-    started = time.time()
+    started, cpu_before = time.time(), _children_cpu()
     child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stop, peak = threading.Event(), []
     sampler = threading.Thread(target=_peak_rss, args=(psutil.Process(child.pid), stop, peak))
@@ -75,35 +84,50 @@ def _run_one(log: str, out_dir: str, mode: str, workers: int) -> dict:
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
         raise IngestionFailed(lines[-1] if lines else f"exit status {child.returncode}", seconds)
     summary = json.loads(stdout.strip().splitlines()[-1])
-    return {"seconds": seconds, "peak_rss_mb": peak[0] / 2**20, "summary": summary}
+    return {"seconds": seconds, "cpu_seconds": _children_cpu() - cpu_before, "peak_rss_mb": peak[0] / 2**20,
+            "summary": summary}
 
 
-def run(events: List[int], modes: List[str], workers: int, workdir: str, out: str) -> list:
+def _children_cpu() -> float:
+    """User + system CPU seconds of the finished children (the ingestion and its Beam workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(events: List[int], modes: List[str], workers: int, workdir: str, out: str, repeat: int = 1,
+        log_format: str = "jsonl.gz") -> list:
     os.makedirs(workdir, exist_ok=True)
     results = []
-    print(f"{'events':>10} {'mode':>16} {'workers':>7} {'seconds':>9} {'events/s':>10} {'peak MB':>9}")
+    print(f"{'events':>10} {'mode':>16} {'workers':>7} {'run':>3} {'seconds':>9} {'events/s':>10} {'cpu s':>8} "
+          f"{'events/cpu s':>12} {'peak MB':>9} {'load':>5}")
     for n in events:
         started = time.time()
-        log = _log_for(n, workdir)
+        log = _log_for(n, workdir, log_format)
         gen_seconds = time.time() - started
         for mode in modes:
-            out_dir = os.path.join(workdir, f"out-{n}-{mode}")
-            subprocess.run(["rm", "-rf", out_dir], check=True)
-            try:
-                r = _run_one(log, out_dir, mode, workers)
-            except IngestionFailed as e:  # recorded, so the other modes still run and the JSON says why
-                row = {"events": None, "mode": mode, "workers": workers, "seconds": round(e.seconds, 2),
-                       "error": e.reason, "log_generation_seconds": round(gen_seconds, 1), "cpu_count": os.cpu_count()}
+            for run_index in range(1, repeat + 1):
+                out_dir = os.path.join(workdir, f"out-{n}-{mode}")
+                subprocess.run(["rm", "-rf", out_dir], check=True)
+                base = {"mode": mode, "workers": workers, "run": run_index, "format": log_format,
+                        "log_generation_seconds": round(gen_seconds, 1), "cpu_count": os.cpu_count(),
+                        "load_average": [round(x, 2) for x in os.getloadavg()]}
+                try:
+                    r = _run_one(log, out_dir, mode, workers)
+                except IngestionFailed as e:  # recorded, so the other runs go on and the JSON says why
+                    row = {"events": None, **base, "seconds": round(e.seconds, 2), "error": e.reason}
+                    results.append(row)
+                    print(f"{'-':>10} {mode:>16} {workers:>7} {run_index:>3} {row['seconds']:>9}  FAILED: {e.reason}",
+                          flush=True)
+                    continue
+                total = r["summary"]["records_read"]
+                row = {"events": total, **base, "seconds": round(r["seconds"], 2),
+                       "events_per_second": round(total / r["seconds"]), "cpu_seconds": round(r["cpu_seconds"], 1),
+                       "events_per_cpu_second": round(total / r["cpu_seconds"]), "peak_rss_mb": round(r["peak_rss_mb"]),
+                       "examples": r["summary"]["good_records"]}
                 results.append(row)
-                print(f"{'-':>10} {mode:>16} {workers:>7} {row['seconds']:>9}  FAILED: {e.reason}", flush=True)
-                continue
-            total = r["summary"]["records_read"]
-            row = {"events": total, "mode": mode, "workers": workers, "seconds": round(r["seconds"], 2),
-                   "events_per_second": round(total / r["seconds"]), "peak_rss_mb": round(r["peak_rss_mb"]),
-                   "log_generation_seconds": round(gen_seconds, 1), "cpu_count": os.cpu_count()}
-            results.append(row)
-            print(f"{total:>10} {mode:>16} {workers:>7} {row['seconds']:>9} {row['events_per_second']:>10} {row['peak_rss_mb']:>9}",
-                  flush=True)
+                print(f"{total:>10} {mode:>16} {workers:>7} {run_index:>3} {row['seconds']:>9} "
+                      f"{row['events_per_second']:>10} {row['cpu_seconds']:>8} {row['events_per_cpu_second']:>12} "
+                      f"{row['peak_rss_mb']:>9} {base['load_average'][0]:>5}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)

@@ -10,7 +10,10 @@ that went in; each run prints one line and the script exits 1 when any run lost 
   scripts/runtime python scripts/beam_data_loss.py --side-input none ...   # the same without it
 
 `--side-input dict` (the default) is an AsDict side input of a small keyed PCollection derived
-from the records (the ingestion's `AsDict(heavy_users)`); `none` leaves the side input out.
+from the records, read by a Map fed by the fan-out itself (the ingestion's old
+`AsDict(heavy_users)`); `after-group` reads the same side input in a Map after the GroupByKey (the
+shape of the ingestion now, whose side inputs, the eval cutoff and the contract, are read after
+its GroupByKey); `none` leaves the side input out.
 """
 
 from __future__ import annotations
@@ -44,9 +47,9 @@ def _tag(kv, side):
     return key, (len(payload), side.get(key, 0))
 
 
-def _group_sizes(kv):
-    _, values = kv
-    return sum(1 for _ in values)
+def _group_sizes(kv, side=None):
+    key, values = kv
+    return sum(1 for _ in values) + 0 * (side or {}).get(key, 0)
 
 
 def run_once(records: int, seeds: int, record_bytes: int, keys: int, side_input: str, pipeline_args, out_dir: str) -> int:
@@ -58,15 +61,13 @@ def run_once(records: int, seeds: int, record_bytes: int, keys: int, side_input:
             | "Reshuffle" >> beam.Reshuffle()
             | "FanOut" >> beam.ParDo(_FanOut(records, seeds, record_bytes, keys))
         )
-        if side_input == "dict":
-            counts = emitted | "Ones" >> beam.Map(lambda kv: (kv[0], 1)) | "PerKey" >> beam.CombinePerKey(sum)
-            tagged = emitted | "Tag" >> beam.Map(_tag, side=beam.pvalue.AsDict(counts))
-        else:
-            tagged = emitted | "Tag" >> beam.Map(_tag, side={})
+        counts = emitted | "Ones" >> beam.Map(lambda kv: (kv[0], 1)) | "PerKey" >> beam.CombinePerKey(sum)
+        side = beam.pvalue.AsDict(counts)
+        tagged = emitted | "Tag" >> beam.Map(_tag, side=side if side_input == "dict" else {})
         (
             tagged
             | "Group" >> beam.GroupByKey()
-            | "Sizes" >> beam.Map(_group_sizes)
+            | "Sizes" >> beam.Map(_group_sizes, side=side if side_input == "after-group" else {})
             | "Total" >> beam.CombineGlobally(sum)
             | "Json" >> beam.Map(json.dumps)
             | "Write" >> beam.io.WriteToText(os.path.join(out_dir, "count"), shard_name_template="")
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="elements the records are fanned out from")
     parser.add_argument("--keys", type=int, default=10_000, help="distinct keys of the records")
     parser.add_argument("--runs", type=int, default=4)
-    parser.add_argument("--side-input", choices=["dict", "none"], default="dict")
+    parser.add_argument("--side-input", choices=["dict", "after-group", "none"], default="dict")
     parser.add_argument("--mode", default="multi_processing", help="--direct_running_mode")
     parser.add_argument("--workers", type=int, default=2, help="--direct_num_workers")
     parser.add_argument("--out", default="", help="also write the runs as JSON here")

@@ -19,7 +19,7 @@ def script():
     return module
 
 
-@pytest.mark.parametrize("side_input, seeds", [("dict", 1), ("none", 3)])
+@pytest.mark.parametrize("side_input, seeds", [("dict", 1), ("after-group", 2), ("none", 3)])
 def test_counts_the_records_in_and_out_of_each_run(script, tmp_path, capsys, side_input, seeds):
     out = tmp_path / "runs.json"
     code = script.main(["--records", "1000", "--record-bytes", "10", "--keys", "7", "--seeds", str(seeds), "--runs", "2",

@@ -408,3 +408,16 @@ def test_columnar_run_gives_the_row_path_output(mixed_logs):
     assert heavy_rows and all(tf.train.Example.FromString(r.numpy()).features.feature[F.USER_ID].bytes_list.value == [b"u-heavy"]
                               for r in heavy_rows)
     assert not os.path.exists(os.path.join(str(tmp / "split"), bp.TEMP_DIR))
+
+
+def test_finish_removes_files_left_by_failed_attempts(tmp_path):
+    import os
+
+    temp = tmp_path / bp.TEMP_DIR
+    temp.mkdir()
+    (temp / "train-0-abc.gz").write_bytes(b"partial")
+    summary = json.loads(bp._finish(str(tmp_path), [(F.TRAIN_SPLIT, {"rows": 3})], [("malformed", 1)], [2], 10, None,
+                                    [("a", 4), ("a", 2)]))
+    assert not os.path.exists(temp)
+    assert summary["rows"] == {F.TRAIN_SPLIT: 3, F.EVAL_SPLIT: 0}
+    assert (summary["records_read"], summary["files_read"], summary["good_records"], summary["bad_records"]) == (6, 1, 3, 1)

@@ -206,7 +206,7 @@ def _cmd_finetune(args) -> int:
 def _cmd_benchmark_ingest(args) -> int:
     from benchmarks import ingest
 
-    ingest.run(args.events, args.modes, args.workers, args.workdir, args.out)
+    ingest.run(args.events, args.modes, args.workers, args.workdir, args.out, args.repeat, args.format)
     return 0
 
 
@@ -393,6 +393,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--modes", nargs="+", default=["in_memory", "multi_processing"],
                    choices=["in_memory", "multi_threading", "multi_processing"], help="DirectRunner running modes")
     b.add_argument("--workers", type=int, default=2, help="--direct_num_workers")
+    b.add_argument("--repeat", type=int, default=1, help="runs of each mode (each is checked for lost records)")
+    b.add_argument("--format", choices=["jsonl.gz", "jsonl"], default="jsonl.gz",
+                   help="the generated log's format (plain JSON Lines are parsed in byte ranges by several workers)")
     b.add_argument("--workdir", default="outputs/benchmark/ingest", help="generated logs and outputs")
     b.add_argument("--out", default="outputs/benchmark/ingest.json", help="JSON results")
     b.set_defaults(func=_cmd_benchmark_ingest)

@@ -17,9 +17,10 @@ by pyarrow (`records.parse_block`), and its good events are cut by user into `us
 pieces (Arrow IPC, zstd). A GroupByKey brings each user shard's pieces together; there the
 events are sorted by (user, ts, ...), exact duplicates dropped, the features of whole users
 computed column-wise (`sequences.columnar_examples`), the tf.Examples encoded from the arrays
-and written as gzip TFRecords, one file per user shard and split. No stage reads a side input
-made from the events themselves: Beam's DirectRunner loses records in that shape
-(`scripts/beam_data_loss.py`); only the eval cutoff and the contract are side inputs.
+and written as gzip TFRecords, one file per user shard and split. No side input is read by a
+stage fed by the reader: Beam's DirectRunner loses records in that shape
+(`scripts/beam_data_loss.py`). The eval cutoff and the contract are read after the GroupByKey,
+the counts of the summary by a one-element stage.
 
 Memory: a heavy user's events (more than `heavy_user_events`) are grouped by (user, time block),
 not kept in their user shard, so no worker ever holds a whole heavy user's timeline. Each block's
@@ -828,7 +829,10 @@ def _summarise(split_stats, dead_counts, duplicates, cutoff, contract, read=()):
 def _finish(output_dir: str, *summary_args) -> str:
     """The summary JSON, once every example file is in place; removes the temporary files."""
     temp = os.path.join(output_dir, TEMP_DIR)
-    if FileSystems.exists(temp):
+    leftovers = FileSystems.match([FileSystems.join(temp, "*")])[0].metadata_list  # from failed attempts
+    if leftovers:
+        FileSystems.delete([m.path for m in leftovers])
+    if FileSystems.exists(temp):  # a local directory (object stores have none)
         FileSystems.delete([temp])
     return _summarise(*summary_args)
 

@@ -354,26 +354,22 @@ class ParsedBlock(NamedTuple):
 
 
 class _Lines:
-    """The lines of a block of bytes: where each starts and ends, and which are blank."""
+    """The lines of a block of bytes: where each starts and ends (its newline included), which are
+    blank (ASCII whitespace only, a subset of what the row path skips) and which start with a BOM."""
 
     def __init__(self, data: bytes):
-        arr = np.frombuffer(data, np.uint8)
-        newlines = np.flatnonzero(arr == 10)
-        self.starts = np.concatenate([[0], newlines + 1])
-        self.ends = np.concatenate([newlines + 1, [len(data)]])  # line ends included
-        if len(data) == 0 or data.endswith(b"\n"):  # no line after the last newline
-            self.starts, self.ends = self.starts[:-1], self.ends[:-1]
-        space = np.zeros(256, bool)
-        space[list(_ASCII_SPACE)] = True
-        # Lines are contiguous and never empty (a newline, or the last line's bytes), so each
-        # line's count of non-space bytes is one segment of reduceat.
-        ink = (~space[arr]).view(np.uint8)
-        self.blank = (np.add.reduceat(ink, self.starts, dtype=np.int64) == 0) if len(self.starts) else np.zeros(0, bool)
-        fits = self.starts + 3 <= len(data)
-        self.bom = np.zeros(len(self.starts), bool)
-        if fits.any():
-            s = self.starts[fits]
-            self.bom[fits] = (arr[s] == _BOM[0]) & (arr[s + 1] == _BOM[1]) & (arr[s + 2] == _BOM[2])
+        pieces = data.split(b"\n")
+        if pieces and pieces[-1] == b"":  # no line after the last newline
+            pieces.pop()
+        lengths = np.fromiter(map(len, pieces), np.int64, len(pieces)) + 1
+        ends = np.cumsum(lengths)
+        self.starts = ends - lengths
+        self.ends = np.minimum(ends, len(data))  # the last line may lack its newline
+        self.blank = np.fromiter((not p.strip() for p in pieces), bool, len(pieces))
+        self.bom = (np.fromiter((p.startswith(_BOM) for p in pieces), bool, len(pieces)) if _BOM in data
+                    else np.zeros(len(pieces), bool))
+        self.quoted = (np.fromiter((b'"' in p for p in pieces), bool, len(pieces)) if b'"' in data
+                       else np.zeros(len(pieces), bool))
 
     def __len__(self):
         return len(self.starts)
@@ -387,10 +383,7 @@ def parse_block(data: bytes, first_line: int, source: str, options: ParseOptions
     on every line, good events as a table.
     """
     lines = _Lines(data)
-    odd = lines.bom.copy()
-    if header is not None:  # quoted CSV fields: Python's csv module decides
-        quotes = np.flatnonzero(np.frombuffer(data, np.uint8) == ord('"'))
-        odd[np.searchsorted(lines.starts, quotes, side="right") - 1] = True
+    odd = lines.bom | lines.quoted if header is not None else lines.bom  # quoted CSV: Python's csv module decides
     tables, row_path = [], []  # row_path: indices of the lines `parse_line` parses
 
     def fast(lo: int, hi: int) -> None:
