@@ -382,6 +382,8 @@ def parse_block(data: bytes, first_line: int, source: str, options: ParseOptions
     `first_line` is the line number of the block's first line. Gives the results of `parse_line`
     on every line, good events as a table.
     """
+    import pyarrow as pa
+
     lines = _Lines(data)
     odd = lines.bom | lines.quoted if header is not None else lines.bom  # quoted CSV: Python's csv module decides
     tables, row_path = [], []  # row_path: indices of the lines `parse_line` parses
@@ -391,17 +393,16 @@ def parse_block(data: bytes, first_line: int, source: str, options: ParseOptions
         if not len(expected):
             return
         table = _read_block(memoryview(data)[lines.starts[lo]:lines.ends[hi - 1]], header)
-        if table is None or table.num_rows != len(expected):
+        accepted = None
+        if table is not None and table.num_rows == len(expected):
+            accepted = _accept(table, options, "json" if header is None else "csv")
+        if accepted is None:  # unparseable, or a column of a type only the row path takes: halve
             if hi - lo <= _SMALL_RANGE:
                 row_path.extend(expected)
             else:
                 mid = (lo + hi) // 2
                 fast(lo, mid)
                 fast(mid, hi)
-            return
-        accepted = _accept(table, options, "json" if header is None else "csv")
-        if accepted is None:
-            row_path.extend(expected)
             return
         mask, good = accepted
         tables.append(good)
@@ -426,8 +427,6 @@ def parse_block(data: bytes, first_line: int, source: str, options: ParseOptions
             events.append(result)
     if events:
         tables.append(events_table(events))
-    import pyarrow as pa
-
     return ParsedBlock(pa.concat_tables(tables) if tables else events_table([]), dead, read)
 
 

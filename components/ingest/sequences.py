@@ -443,11 +443,12 @@ class _Pool:
     def length(self, tokens: np.ndarray) -> np.ndarray:
         return self._lengths[tokens]
 
-    def gather(self, tokens: np.ndarray) -> list:
-        """Rows of token ids (n, K) -> the bytes of each row."""
-        ends = np.cumsum(self._lengths[tokens].sum(axis=1)).tolist()
+    def gather(self, tokens: np.ndarray):
+        """Rows of token ids (n, K) -> (the bytes of each row, their lengths)."""
+        lengths = self._lengths[tokens].sum(axis=1)
+        ends = np.cumsum(lengths).tolist()
         joined = b"".join(self._objects[tokens.ravel()].tolist())
-        return [joined[a:b] for a, b in zip([0] + ends[:-1], ends)]
+        return [joined[a:b] for a, b in zip([0] + ends[:-1], ends)], lengths
 
 
 class _Feature(NamedTuple):
@@ -483,19 +484,24 @@ def _entries(pool: _Pool, feature: _Feature):
 def _distinct_rows(values: np.ndarray):
     """(index of a row of each distinct row, which distinct row each row is) of an (n, w) int array.
 
-    Column by column: the pair (distinct prefix, next value) is renumbered densely each time,
-    so the key never overflows (np.unique with axis=0 sorts row views, much slower).
+    Rows are numbered as base-(max + 1) numbers when they fit in int64; otherwise column by
+    column, renumbering (distinct prefix, next value) densely each time (np.unique with axis=0
+    sorts row views, much slower).
     """
-    key = np.zeros(len(values), np.int64)
-    for column in values.T:
-        _, column = np.unique(column, return_inverse=True)
-        _, key = np.unique(key * (column.max(initial=0) + 1) + column, return_inverse=True)
+    base = int(values.max(initial=0)) + 1
+    if base ** values.shape[1] < 2**62:
+        key = values @ (base ** np.arange(values.shape[1], dtype=np.int64))
+    else:
+        key = np.zeros(len(values), np.int64)
+        for column in values.T:
+            _, column = np.unique(column, return_inverse=True)
+            _, key = np.unique(key * (column.max(initial=0) + 1) + column, return_inverse=True)
     _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
     return first, inverse.reshape(-1)
 
 
-def _encode(pool: _Pool, features: list, n: int, outside: Optional[np.ndarray] = None) -> list:
-    """Rows of `features` (map entries of a Features message, in key order) -> their bytes.
+def _encode(pool: _Pool, features: list, n: int, outside: Optional[np.ndarray] = None):
+    """Rows of `features` (map entries of a Features message, in key order) -> (their bytes, lengths).
 
     With `outside` (the byte length of more entries that follow each row), each row starts with
     the Example's header (field 1, the length of all the entries), so that it and its `outside`
@@ -507,7 +513,7 @@ def _encode(pool: _Pool, features: list, n: int, outside: Optional[np.ndarray] =
         if feature.few:
             first, inverse = _distinct_rows(feature.values)
             rows, lengths = _entries(pool, feature._replace(values=feature.values[first]))
-            tokens = pool.add(pool.gather(rows), lengths)
+            tokens = pool.add(pool.gather(rows)[0], lengths)
             rows, lengths = tokens[inverse][:, None], lengths[inverse]
         else:
             rows, lengths = _entries(pool, feature)
@@ -545,7 +551,7 @@ def encode_examples(columns: ExampleColumns, contract: F.Contract, chunk: int = 
         c, n = columns.take(rows), len(rows)
         states, local = np.unique(c.state, return_inverse=True)
         pool = base.fork()
-        histories = _encode(pool, [
+        histories, history_lengths = _encode(pool, [
             _Feature(F.HISTORY_ITEM_IDS, _BYTES, items[columns.hist_items[states]]),
             _Feature(F.HISTORY_DOMAINS, _BYTES, domains[columns.hist_domains[states]], few=True),
             _Feature(F.HISTORY_TIMESTAMPS, _INT, pool.ints(columns.hist_ts[states])),
@@ -553,10 +559,9 @@ def encode_examples(columns: ExampleColumns, contract: F.Contract, chunk: int = 
             _Feature(F.DOMAIN_HISTORY_ITEM_IDS, _BYTES, items[columns.domain_hist_items[states]]),
             _Feature(F.DOMAIN_HISTORY_LENGTHS, _INT, pool.ints(columns.domain_hist_lengths[states]), few=True),
         ], len(states))
-        history_lengths = np.array([len(h) for h in histories], np.int64)
         floats = np.ascontiguousarray(np.nan_to_num(c.oracle).astype("<f4")).view(np.uint8).reshape(n, 4)
         pool = base.fork()
-        own = _encode(pool, [
+        own, _ = _encode(pool, [
             _Feature(F.USER_ID, _BYTES, scalar(users[c.user]), few=True),
             _Feature(F.ITEM_ID, _BYTES, scalar(items[c.item]), few=True),
             _Feature(F.DOMAIN, _BYTES, scalar(domains[c.domain]), few=True),
