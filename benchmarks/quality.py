@@ -85,7 +85,8 @@ def prepare_loo(workdir: str, negatives: int = 4) -> tuple:
 
 
 def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epochs: int, patience: int,
-            batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True) -> List[dict]:
+            batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True,
+            learning_rate: float = 1e-3) -> List[dict]:
     """Trains, exports and ranks every model and seed on food-kitchen's leave-one-out protocol;
     the rankings of the references (with `baselines`) come first. Returns the `ranking.evaluate`
     results; `overrides` apply to every model's config (runs are named `model[key=value]`)."""
@@ -112,7 +113,8 @@ def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epoc
         for name in model_names:
             started = time.monotonic()
             model, config, info = train.train_model(name, overrides, contract, files, rows, seed=seed, epochs=epochs,
-                                                    batch_size=batch_size, patience=patience)
+                                                    batch_size=batch_size, patience=patience,
+                                                    learning_rate=learning_rate)
             trained = time.monotonic() - started
             slug = re.sub(r"[^A-Za-z0-9_.=,-]+", "_", f"{name}{suffix}-{seed}")  # no glob characters in paths
             model_dir = os.path.join(directory, "models", slug)
@@ -203,7 +205,8 @@ def targets(results: dict) -> List[str]:
 
 def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, sets: Sequence[str] = SETS,
         seeds: Sequence[int] = (0, 1, 2), users: int = 20_000, epochs: int = 10, patience: int = 1,
-        batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True) -> dict:
+        batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True,
+        learning_rate: float = 1e-3) -> dict:
     """Runs the chosen sets; writes the JSON (`out`) and the Markdown (`markdown_path`).
 
     `overrides` (config field -> value) apply to every model, as in `benchmark train`; without
@@ -220,7 +223,7 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
         print(f"== {set_name}", flush=True)
         if set_name == "food-kitchen-loo":
             results[set_name] = run_loo(model_names, workdir, seeds, epochs, patience, batch_size, max_users,
-                                        overrides, baselines)
+                                        overrides, baselines, learning_rate)
             sections.append(f"### food-kitchen, leave-one-out\n\n{ranking.markdown(results[set_name])}")
             continue
         set_dir = os.path.join(workdir, set_name)
@@ -230,7 +233,7 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
             examples = prepare_real(workdir, set_name)
         json_path = os.path.join(set_dir, "train.json")
         train.run(list(model_names), set_dir, json_path, users=users, epochs=epochs, batch_size=batch_size,
-                  seeds=seeds, examples=examples, patience=patience, overrides=overrides)
+                  seeds=seeds, examples=examples, patience=patience, overrides=overrides, learning_rate=learning_rate)
         with open(json_path) as f:
             content = json.load(f)
         results[set_name] = content["results"]
@@ -239,15 +242,17 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
                         + train.markdown_table(table, train.summary_slices(content["data"]["domains"])))
     goals = targets(results)
     load_after = os.getloadavg()
-    text = (f"## Quality benchmark\n\nseeds {list(seeds)}, early stopping (patience {patience}, at most {epochs} "
-            f"epochs), batch {batch_size}; load average {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the "
-            f"end; {time.monotonic() - started:.0f} s.\n\n" + "\n".join(sections)
+    settings = (f"seeds {list(seeds)}, early stopping (patience {patience}, at most {epochs} epochs), batch "
+                f"{batch_size}, Adam {learning_rate:g}" + (f", overrides {train.run_suffix(overrides)}" if overrides else ""))
+    text = (f"## Quality benchmark\n\n{settings}; load average {load_before[0]:.1f} at the start, "
+            f"{load_after[0]:.1f} at the end; {time.monotonic() - started:.0f} s.\n\n" + "\n".join(sections)
             + ("\n### Targets\n\n" + "\n".join(goals) + "\n" if goals else ""))
     os.makedirs(os.path.dirname(os.path.abspath(markdown_path)), exist_ok=True)
     with open(markdown_path, "w") as f:
         f.write(text)
     with open(out, "w") as f:
         json.dump({"sets": list(sets), "seeds": list(seeds), "epochs": epochs, "patience": patience,
+                   "learning_rate": learning_rate, "overrides": overrides or {},
                    "users": users, "results": results, "targets": goals}, f, indent=2, allow_nan=False)
     print(text)
     print(f"wrote {markdown_path} and {out}")

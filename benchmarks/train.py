@@ -192,7 +192,7 @@ def run_suffix(overrides: dict) -> str:
 
 def run(model_names: List[str], workdir: str, out: str, users: int = 2000, epochs: int = 10,
         batch_size: int = 256, seeds: Sequence[int] = (0,), warmup: int = 20, examples: str = "", overrides=None,
-        patience: int = 1, validation_fraction: float = 0.1, data_seed: int = 0) -> list:
+        patience: int = 1, validation_fraction: float = 0.1, data_seed: int = 0, learning_rate: float = 1e-3) -> list:
     """`examples`: an ingestion output to use instead of a generated log (e.g. imported real data).
 
     `epochs` is the most a run trains; early stopping usually ends it sooner. `overrides`
@@ -226,7 +226,8 @@ def run(model_names: List[str], workdir: str, out: str, users: int = 2000, epoch
             timer = _StepTimer(warmup)
             model, config, info = train_model(name, overrides, contract, train_files, summary["rows"][F.TRAIN_SPLIT],
                                               seed=seed, epochs=epochs, batch_size=batch_size, patience=patience,
-                                              validation_fraction=validation_fraction, callbacks=[timer])
+                                              validation_fraction=validation_fraction, learning_rate=learning_rate,
+                                              callbacks=[timer])
             examples_per_second = timer.timed_steps * batch_size * (1 - validation_fraction) / timer.seconds()
             quality = _quality(rows, score(model, config, eval_pattern), contract.domains)
             result = {"model": name + suffix, "seed": seed, "examples_per_second": round(examples_per_second),
@@ -247,6 +248,7 @@ def run(model_names: List[str], workdir: str, out: str, users: int = 2000, epoch
         json.dump({"data": {"examples": examples, "users": users if generated else None,
                             "data_seed": data_seed if generated else None, "seeds": seeds, "max_epochs": epochs,
                             "patience": patience, "validation_fraction": validation_fraction,
+                            "learning_rate": learning_rate,
                             "rows": summary["rows"], "domains": list(contract.domains)},
                    "results": results,
                    "summary": [{"model": name, "params": params, **agg} for name, agg, params in table]}, f, indent=2)

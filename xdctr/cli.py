@@ -241,7 +241,7 @@ def _cmd_benchmark_train(args) -> int:
     seeds = args.seeds or [0 if args.seed is None else args.seed]
     train.run(names, args.workdir, args.out, users=args.users, epochs=args.epochs, batch_size=args.batch_size,
               seeds=seeds, examples=args.examples, overrides=overrides, patience=args.early_stopping_patience,
-              data_seed=args.data_seed)
+              data_seed=args.data_seed, learning_rate=args.learning_rate)
     return 0
 
 
@@ -251,7 +251,8 @@ def _cmd_benchmark_quality(args) -> int:
     names, overrides = _benchmark_models(args)
     quality.run(names, args.workdir, args.out, args.markdown, sets=args.sets, seeds=args.seeds, users=args.users,
                 epochs=args.epochs, patience=args.early_stopping_patience, batch_size=args.batch_size,
-                max_users=args.max_users, overrides=overrides, baselines=not args.no_references)
+                max_users=args.max_users, overrides=overrides, baselines=not args.no_references,
+                learning_rate=args.learning_rate)
     return 0
 
 
@@ -407,6 +408,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--early-stopping-patience", type=int, default=1,
                    help="epochs without a lower validation loss before a run stops (best weights restored)")
     b.add_argument("--batch-size", type=int, default=256, help="training batch size")
+    b.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's learning rate")
     b.add_argument("--seeds", type=int, nargs="+", help="training seeds; the table gives mean ± std over them (default: 0)")
     b.add_argument("--seed", type=int, help="one training seed (the same as --seeds N)")
     b.add_argument("--data-seed", type=int, default=0, help="seed of the generated log")
@@ -427,6 +429,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--early-stopping-patience", type=int, default=1,
                    help="epochs without a lower validation loss before a run stops (best weights restored)")
     b.add_argument("--batch-size", type=int, default=256, help="training batch size")
+    b.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's learning rate")
     b.add_argument("--max-users", type=int, help="leave-one-out: rank only the first N users' test cases (quick checks)")
     b.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="config override for every model, e.g. inputs.item_buckets=262144 (runs are named model[...])")

@@ -469,6 +469,9 @@ def run_from_args(args) -> int:
                       max_users=args.max_users)
     for split in args.splits:
         print(markdown([result], split))
+    if result["rejected_rows"]:
+        print(f"{result['rejected_rows']} input row(s) rejected: see "
+              f"{os.path.join(args.out_dir, 'input' + importer.DEAD_LETTER_SUFFIX)}")
     print(f"wrote {os.path.join(args.out_dir, RESULT_FILE)} and {os.path.join(args.out_dir, MARKDOWN_FILE)}")
     return 0
 
