@@ -336,6 +336,34 @@ def test_sc_mim_pairs_the_same_click_in_both_views():
     np.testing.assert_array_equal(_np(outputs["sc_mim_mask"]), [[True, True, False], [False, False, False]])
 
 
+def test_sc_mim_does_not_dominate_the_default_loss():
+    # A batch of 64 rows with clicks in both domains, at initialisation: every prediction loss is
+    # about log 2 (eq. 18's prediction part ~ 4 log 2 for 2 domains) while each InfoNCE is about
+    # log 64 (~4.2, uniform over the batch). At eta = 0.8 SC-MIM took ~43% of the loss (50% at the
+    # Trainer's batch of 256), so the served cross-domain task got half the gradient; the default
+    # keeps its share under a quarter.
+    model, config = _model()
+    rng = np.random.default_rng(0)
+    batch, d = 64, config.inputs.num_domains
+    inputs = {
+        F.USER_ID: rng.integers(1, 64, batch).astype("int32"), F.ITEM_ID: rng.integers(1, 64, batch).astype("int32"),
+        F.DOMAIN: np.arange(batch, dtype="int32") % d,
+        F.HISTORY_ITEM_IDS: rng.integers(1, 64, (batch, HISTORY)).astype("int32"),
+        F.HISTORY_DOMAINS: np.tile(np.arange(HISTORY, dtype="int32") % d, (batch, 1)),
+        F.HISTORY_MASK: np.ones((batch, HISTORY), bool), F.HISTORY_TIME_GAPS: np.ones((batch, HISTORY), "int32"),
+        F.DOMAIN_HISTORY_ITEM_IDS: rng.integers(1, 64, (batch, d, DOMAIN_HISTORY)).astype("int32"),
+        F.DOMAIN_HISTORY_MASK: np.ones((batch, d, DOMAIN_HISTORY), bool),
+        F.TARGET_DOMAIN_CLICKS: np.full((batch,), 2, "int32"), F.OTHER_DOMAIN_CLICKS: np.full((batch,), 2, "int32"),
+    }
+    labels = (rng.random(batch) < 0.3).astype("float32")
+    outputs = model(inputs, training=True)
+    losses = model.task_losses(inputs, labels, outputs)
+    assert np.all(_np(losses["sc_mim"]) > 3.0)  # ~ log 64
+    total = _training_loss(model, inputs, labels)
+    mim_term = (1.0 - config.harmonic_factor) * float(np.sum(_np(losses["sc_mim"])))
+    assert mim_term / total < 0.25
+
+
 def test_every_weight_gets_a_gradient():
     # From the training loss (eq. 18). alpha only gets a gradient once lambda is not uniform (alpha
     # lambda is then a constant shift that the softmax ignores), so lambda starts off-uniform here.
