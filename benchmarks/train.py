@@ -80,6 +80,7 @@ class _EpochLog(keras.callbacks.Callback):
 def prepare_data(workdir: str, users: int, seed: int) -> str:
     examples = os.path.join(workdir, f"examples-{users}-{seed}")
     if not os.path.exists(os.path.join(examples, beam_pipeline.SUMMARY_FILE)):
+        os.makedirs(workdir, exist_ok=True)
         log = os.path.join(workdir, f"logs-{users}-{seed}.jsonl.gz")
         generator.generate_file(generator.GeneratorConfig(num_users=users, seed=seed), log)
         beam_pipeline.run(beam_pipeline.IngestConfig(input_patterns=(log,)), examples)
