@@ -133,12 +133,14 @@ def _process(args: List[str], target: str, what: str) -> Iterator[str]:
 
 
 def model_config_text(base_path: str, stable: int, canary: int) -> str:
+    """Both labels on their versions; when the candidate was not blessed both name the baseline."""
+    versions = " ".join(f"versions: {v}" for v in sorted({stable, canary}))
     return f"""model_config_list {{
   config {{
     name: "{MODEL_NAME}"
     base_path: "{base_path}"
     model_platform: "tensorflow"
-    model_version_policy {{ specific {{ versions: {stable} versions: {canary} }} }}
+    model_version_policy {{ specific {{ {versions} }} }}
     version_labels {{ key: "stable" value: {stable} }}
     version_labels {{ key: "canary" value: {canary} }}
   }}
