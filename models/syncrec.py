@@ -302,7 +302,7 @@ class SyNCRec(CTRModel):
       the gradient; at 0.99 it is about 4% at initialisation. Measured (`xdctr benchmark train
       --epochs 1 --set harmonic_factor=ETA`, seeds 0-2, AUC of the served ctr): generated logs
       (2,000 users) 0.685 (eta 0.8), 0.725 (0.95), 0.728 (0.99), 0.728 (no SC-MIM); a third of
-      the food-kitchen users 0.519, 0.531, 0.541, 0.530.
+      the food-kitchen users 0.520, 0.532, 0.538, 0.528.
     - The served path (`encode_context`/`score`, `call(training=False)`) runs only the
       cross-domain task: `encode_context` returns u (B, r), which does not depend on the domain,
       and `score` adds the candidate domain's bias, so candidates may mix domains.
