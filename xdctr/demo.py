@@ -27,6 +27,7 @@ reused.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
 import os
@@ -205,15 +206,21 @@ def _logs(workdir: str, source: str, users: int, say) -> str:
         raise FileNotFoundError(f"the bundled data set {source} is not at ../shared/data/{source}/interactions.csv")
     path = os.path.join(workdir, "logs", f"{source}.jsonl.gz")
     summary_path = path + ".summary.json"
+    config = importer.ImportConfig(negatives=4, seed=0)
+    # Reused only when the same importer settings made it (a changed importer default re-imports).
+    wanted = {"input": interactions, "config": dataclasses.asdict(config)}
+    summary = None
     if os.path.isfile(path) and os.path.isfile(summary_path):
         with open(summary_path) as f:
-            summary = json.load(f)
-        say(f"reusing {path}")
-    else:
+            cached = json.load(f)
+        if cached.get("made_by") == wanted:
+            summary = cached["summary"]
+            say(f"reusing {path}")
+    if summary is None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        summary = importer.import_interactions([interactions], path, importer.ImportConfig(negatives=4, seed=0))
+        summary = importer.import_interactions([interactions], path, config)
         with open(summary_path, "w") as f:
-            json.dump(summary, f)
+            json.dump({"made_by": wanted, "summary": summary}, f)
     say(f"{summary['interactions']} interactions of {summary['users']} users ({source}) -> "
         f"{summary['impressions']} impressions (each click + 4 sampled non-clicks)")
     return path
