@@ -50,6 +50,11 @@ def test_pipeline_push_compare_serve_and_route(tmp_path, capsys):
         versions_by_arm.setdefault(a["arm"], set()).add(a["model_version"])
     assert versions_by_arm == {"stable": {stable}, "canary": {canary}}
     assert len(result["assignments"]) == 60
+    # The server's and router's JSON logs go to files, not the demo's console.
+    for name, event in (("serve", "server_started"), ("route", "router_started")):
+        with open(tmp_path / "serving" / f"{name}.log") as f:
+            assert f'"event": "{event}"' in f.read()
+    assert '"event": "server_started"' not in out
 
 
 def test_side_by_side_table_by_hand():

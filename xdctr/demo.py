@@ -118,16 +118,22 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def _process(args: List[str], target: str, what: str) -> Iterator[str]:
-    """Runs `python -m xdctr ARGS` until the block ends, once its gRPC health check says SERVING."""
+def _process(args: List[str], target: str, what: str, log_path: str) -> Iterator[str]:
+    """Runs `python -m xdctr ARGS` until the block ends, once its gRPC health check says SERVING.
+
+    Its output (the JSON log lines of the server or router) goes to `log_path`, not the demo's
+    console; when it does not start, the error names the log and ends with its last lines."""
     from serving import client
 
-    process = subprocess.Popen([sys.executable, "-m", "xdctr", *args])
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "xdctr", *args], stdout=log, stderr=subprocess.STDOUT)
     try:
         client.wait_until_serving(target, timeout=180)
         yield target
     except TimeoutError as e:
-        raise RuntimeError(f"{what} did not start serving at {target}") from e
+        with open(log_path, errors="replace") as log:
+            tail = "".join(log.readlines()[-20:])
+        raise RuntimeError(f"{what} did not start serving at {target}; its log {log_path} ends with:\n{tail}") from e
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -257,14 +263,15 @@ def _comparison_rows(metrics: dict) -> List[str]:
 def side_by_side(baseline: dict, candidate: dict, baseline_name: str, candidate_name: str) -> str:
     """A text table: per slice, each model's AUC and GAUC and the candidate's gain."""
     rows = _comparison_rows(candidate)
-    header = f"{'slice':<28} {'examples':>8}"
+    width = max([len("overall")] + [len(name) for name in rows])
+    header = f"{'slice':<{width}} {'examples':>8}"
     for _, label in SIDE_BY_SIDE_METRICS:
         header += f" {label + ' ' + baseline_name:>{len(label) + len(baseline_name) + 3}}"
         header += f" {label + ' ' + candidate_name:>{len(label) + len(candidate_name) + 3}} {'gain':>7}"
     lines = [header]
     for name in rows:
         b, c = baseline.get(name, {}), candidate[name]
-        line = f"{name or 'overall':<28} {int(c.get('example_count', 0)):>8}"
+        line = f"{name or 'overall':<{width}} {int(c.get('example_count', 0)):>8}"
         for key, label in SIDE_BY_SIDE_METRICS:
             bv, cv = b.get(key, float("nan")), c.get(key, float("nan"))
             line += f" {bv:>{len(label) + len(baseline_name) + 3}.4f} {cv:>{len(label) + len(candidate_name) + 3}.4f}"
@@ -293,10 +300,12 @@ def _serve_and_route(workdir: str, root: str, serving_base: str, versions: List[
     assignment_log = os.path.join(workdir, "serving", "assignments.jsonl")
     if os.path.exists(assignment_log):
         os.remove(assignment_log)
+    serve_log, route_log = (os.path.join(workdir, "serving", f"{name}.log") for name in ("serve", "route"))
     with _process(["serve", "--model-config-file", config_file, "--port", str(serve_port), "--host", "127.0.0.1"],
-                  serve_target, "xdctr serve"):
+                  serve_target, "xdctr serve", serve_log):
         with stages.stage(f"xdctr serve at {serve_target}: Predict through the TF Serving client stubs") as say:
-            say(f"model {MODEL_NAME}: version {stable} (label stable), version {canary} (label canary)")
+            say(f"model {MODEL_NAME}: version {stable} (label stable), version {canary} (label canary); "
+                f"server log: {serve_log}")
             served = client.predict_examples(serve_target, MODEL_NAME, serialized[:num_scores])
             expected = local_scores(os.path.join(serving_base, str(canary)), serialized[:num_scores])
             max_diff = float(np.max(np.abs(served - expected)))
@@ -309,7 +318,7 @@ def _serve_and_route(workdir: str, root: str, serving_base: str, versions: List[
 
         with stages.stage("xdctr route: a 2-arm A/B test, 50/50 by user (salt demo-1)") as say:
             with _process(["route", "--config", experiment, "--port", str(route_port), "--host", "127.0.0.1",
-                           "--assignment-log", assignment_log], route_target, "xdctr route"):
+                           "--assignment-log", assignment_log], route_target, "xdctr route", route_log):
                 by_user = {}
                 for s in serialized:
                     by_user.setdefault(feature_of([s], F.USER_ID)[0], s)
@@ -324,7 +333,7 @@ def _serve_and_route(workdir: str, root: str, serving_base: str, versions: List[
             counts = {arm: sum(1 for a in assignments if a["arm"] == arm) for arm in sorted(arms)}
             say(f"{len(assignments)} requests of {len(users_sent)} users: "
                 + ", ".join(f"{arm}={n} (version {sorted(arms[arm])})" for arm, n in counts.items()))
-            say(f"assignment log: {assignment_log}")
+            say(f"assignment log: {assignment_log}; router log: {route_log}")
     return {"served": served, "expected": expected, "versions": (stable, canary), "assignments": assignments}
 
 

@@ -1,7 +1,9 @@
 """Known-harmless noise of the libraries under xdctr, silenced unless `xdctr -v` asks for it.
 
 What is silenced, and why it is harmless here:
-- TensorFlow's C++ log lines: its info lines (oneDNN notices, "Could not find cuda drivers"), CUDA
+- TensorFlow's C++ log lines: its info lines (oneDNN notices, "Could not find cuda drivers"), its
+  error-level notice that oneDNN falls back to Eigen for bool tensors without AVX-512 (a CPU
+  feature note: the op still runs), CUDA
   probing on a machine without a GPU ("failed call to cuInit" and the other `cuda_*` lines) and
   absl's "All log messages before absl::InitializeLog()". TensorFlow 2.21 writes these to file
   descriptor 2 before its log level (`TF_CPP_MIN_LOG_LEVEL`) applies, so standard error is passed
@@ -40,6 +42,7 @@ HARMLESS_NATIVE_LINES = re.compile(
     rb"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"
     rb"|^I\d{4} [\d:. ]+\d+ [\w.]+:\d+\] "
     rb"|^[WE]\d{4} [\d:. ]+\d+ (cuda_\w+|cudart_stub|gpu_\w+)\.cc:\d+\] "
+    rb"|^E\d{4} [\d:. ]+\d+ util\.cc:\d+\] oneDNN supports DT_BOOL only on platforms with AVX-512\. "
 )
 HARMLESS_WARNINGS = (
     r"`shuffle=True` was passed, but will be ignored",
