@@ -387,33 +387,35 @@ def parse_block(data: bytes, first_line: int, source: str, options: ParseOptions
     lines = _Lines(data)
     odd = lines.bom | lines.quoted if header is not None else lines.bom  # quoted CSV: Python's csv module decides
     tables, row_path = [], []  # row_path: indices of the lines `parse_line` parses
-
-    def fast(lo: int, hi: int) -> None:
+    # Ranges of lines for pyarrow, in order; a range it cannot take whole is halved. A work list,
+    # not a recursive closure: a closure that calls itself is a reference cycle, which would keep
+    # every block's bytes and tables alive until Python's cycle collector happens to run.
+    ranges, lo = [], 0
+    for i in np.flatnonzero(odd):
+        ranges.append((lo, i, i))
+        lo = i + 1
+    ranges.append((lo, len(lines), None))
+    pending = list(reversed(ranges))  # (lo, hi, the odd line after the range or None)
+    while pending:
+        lo, hi, odd_line = pending.pop()
         expected = np.flatnonzero(~lines.blank[lo:hi]) + lo
-        if not len(expected):
-            return
-        table = _read_block(memoryview(data)[lines.starts[lo]:lines.ends[hi - 1]], header)
         accepted = None
-        if table is not None and table.num_rows == len(expected):
-            accepted = _accept(table, options, "json" if header is None else "csv")
-        if accepted is None:  # unparseable, or a column of a type only the row path takes: halve
-            if hi - lo <= _SMALL_RANGE:
+        if len(expected):
+            table = _read_block(memoryview(data)[lines.starts[lo]:lines.ends[hi - 1]], header)
+            if table is not None and table.num_rows == len(expected):
+                accepted = _accept(table, options, "json" if header is None else "csv")
+            if accepted is None and hi - lo > _SMALL_RANGE:  # unparseable, or a type only the row path takes
+                mid = (lo + hi) // 2
+                pending += [(mid, hi, odd_line), (lo, mid, None)]
+                continue
+            if accepted is None:
                 row_path.extend(expected)
             else:
-                mid = (lo + hi) // 2
-                fast(lo, mid)
-                fast(mid, hi)
-            return
-        mask, good = accepted
-        tables.append(good)
-        row_path.extend(expected[~mask])
-
-    lo = 0
-    for i in np.flatnonzero(odd):
-        fast(lo, i)
-        row_path.append(i)
-        lo = i + 1
-    fast(lo, len(lines))
+                mask, good = accepted
+                tables.append(good)
+                row_path.extend(expected[~mask])
+        if odd_line is not None:
+            row_path.append(odd_line)
     read = sum(len(t) for t in tables)
     dead, events = [], []
     for i in sorted(row_path):
