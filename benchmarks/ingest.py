@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import List
+from typing import List, Sequence
 
 import psutil
 
@@ -64,13 +64,15 @@ class IngestionFailed(Exception):
         self.reason, self.seconds = reason, seconds
 
 
-def _run_one(log: str, out_dir: str, mode: str, workers: int) -> dict:
+def _run_one(log: str, out_dir: str, mode: str, workers: int, spill: bool = True) -> dict:
     code = (
         "import sys, json; from components.ingest import beam_pipeline as b;"
-        "s = b.run(b.IngestConfig(input_patterns=(sys.argv[1],)), sys.argv[2], sys.argv[3:]);"
+        "s = b.run(b.IngestConfig(input_patterns=(sys.argv[1],), spill_pieces=sys.argv[3] == 'on'), sys.argv[2], "
+        "sys.argv[4:]);"
         "print(json.dumps(s))"
     )
-    args = [sys.executable, "-c", code, log, out_dir, f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
+    args = [sys.executable, "-c", code, log, out_dir, "on" if spill else "off",
+            f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
     started, cpu_before = time.time(), _children_cpu()
     child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stop, peak = threading.Event(), []
@@ -95,28 +97,28 @@ def _children_cpu() -> float:
 
 
 def run(events: List[int], modes: List[str], workers: int, workdir: str, out: str, repeat: int = 1,
-        log_format: str = "jsonl.gz") -> list:
+        log_format: str = "jsonl.gz", spill: Sequence[str] = ("on",)) -> list:
     os.makedirs(workdir, exist_ok=True)
     results = []
-    print(f"{'events':>10} {'mode':>16} {'workers':>7} {'run':>3} {'seconds':>9} {'events/s':>10} {'cpu s':>8} "
+    print(f"{'events':>10} {'mode':>16} {'workers':>7} {'spill':>5} {'run':>3} {'seconds':>9} {'events/s':>10} {'cpu s':>8} "
           f"{'events/cpu s':>12} {'peak MB':>9} {'load':>5}")
     for n in events:
         started = time.time()
         log = _log_for(n, workdir, log_format)
         gen_seconds = time.time() - started
-        for mode in modes:
+        for mode, spill_mode in [(m, s) for m in modes for s in spill]:
             for run_index in range(1, repeat + 1):
                 out_dir = os.path.join(workdir, f"out-{n}-{mode}")
                 subprocess.run(["rm", "-rf", out_dir], check=True)
-                base = {"mode": mode, "workers": workers, "run": run_index, "format": log_format,
+                base = {"mode": mode, "workers": workers, "spill": spill_mode, "run": run_index, "format": log_format,
                         "log_generation_seconds": round(gen_seconds, 1), "cpu_count": os.cpu_count(),
                         "load_average": [round(x, 2) for x in os.getloadavg()]}
                 try:
-                    r = _run_one(log, out_dir, mode, workers)
+                    r = _run_one(log, out_dir, mode, workers, spill_mode == "on")
                 except IngestionFailed as e:  # recorded, so the other runs go on and the JSON says why
                     row = {"events": None, **base, "seconds": round(e.seconds, 2), "error": e.reason}
                     results.append(row)
-                    print(f"{'-':>10} {mode:>16} {workers:>7} {run_index:>3} {row['seconds']:>9}  FAILED: {e.reason}",
+                    print(f"{'-':>10} {mode:>16} {workers:>7} {spill_mode:>5} {run_index:>3} {row['seconds']:>9}  FAILED: {e.reason}",
                           flush=True)
                     continue
                 total = r["summary"]["records_read"]
@@ -125,7 +127,7 @@ def run(events: List[int], modes: List[str], workers: int, workdir: str, out: st
                        "events_per_cpu_second": round(total / r["cpu_seconds"]), "peak_rss_mb": round(r["peak_rss_mb"]),
                        "examples": r["summary"]["good_records"]}
                 results.append(row)
-                print(f"{total:>10} {mode:>16} {workers:>7} {run_index:>3} {row['seconds']:>9} "
+                print(f"{total:>10} {mode:>16} {workers:>7} {spill_mode:>5} {run_index:>3} {row['seconds']:>9} "
                       f"{row['events_per_second']:>10} {row['cpu_seconds']:>8} {row['events_per_cpu_second']:>12} "
                       f"{row['peak_rss_mb']:>9} {base['load_average'][0]:>5}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -7,8 +7,10 @@ import collections
 import gzip
 import io
 import json
+import os
 import sys
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -380,17 +382,19 @@ def test_columnar_run_gives_the_row_path_output(mixed_logs):
     tmp, paths = mixed_logs
     outputs = {}
     # One user shard and whole files, every user column-wise; then 3 user shards, the plain files
-    # parsed in 2,000-byte shards, and u-heavy through the block stages.
-    for name, shards, shard_bytes, heavy in (("one", 1, bp.SHARD_BYTES, 10**9), ("split", 3, 2_000, 100)):
+    # parsed in 2,000-byte shards, and u-heavy through the block stages; then the same with the
+    # pieces through the shuffle instead of spilled to files.
+    for name, shards, shard_bytes, heavy, spill in (("one", 1, bp.SHARD_BYTES, 10**9, True), ("split", 3, 2_000, 100, True),
+                                                    ("shuffled", 3, 2_000, 100, False)):
         out = str(tmp / name)
         config = bp.IngestConfig(input_patterns=tuple(paths), history_length=4, domain_history_length=2,
                                  block_seconds=7200, heavy_user_events=heavy, user_shards=shards, shard_bytes=shard_bytes,
-                                 max_bad_fraction=0.1)
+                                 max_bad_fraction=0.1, spill_pieces=spill)
         summary = bp.run(config, out)
         dead = [(d["source"], d["line"], d["reason"], d["field"], d["detail"], d["raw"]) for d in read_dead_letters(out)]
         outputs[name] = (summary, {s: read_examples(out, s) for s in (F.TRAIN_SPLIT, F.EVAL_SPLIT)}, sorted(dead),
                          {s: read_json(os.path.join(out, bp.STATS_DIR, f"{s}.json")) for s in (F.TRAIN_SPLIT, F.EVAL_SPLIT)})
-    assert outputs["one"] == outputs["split"]
+    assert outputs["one"] == outputs["split"] == outputs["shuffled"]
     summary, examples, dead, stats = outputs["split"]
     expected_examples, expected_dead, duplicates = row_path_reference(paths, bp.read_contract(str(tmp / "split")))
     assert sorted(examples[F.TRAIN_SPLIT] + examples[F.EVAL_SPLIT]) == expected_examples
@@ -407,7 +411,37 @@ def test_columnar_run_gives_the_row_path_output(mixed_logs):
                   for r in tf.data.TFRecordDataset(f, compression_type="GZIP")]
     assert heavy_rows and all(tf.train.Example.FromString(r.numpy()).features.feature[F.USER_ID].bytes_list.value == [b"u-heavy"]
                               for r in heavy_rows)
-    assert not os.path.exists(os.path.join(str(tmp / "split"), bp.TEMP_DIR))
+    assert not os.path.exists(os.path.join(str(tmp / "split"), bp.TEMP_DIR))  # spilled pieces removed too
+
+
+def _parse_outputs(path, spill_dir=None, shards=3):
+    parse = bp._ParseShard(ParseOptions(), shards, spill_dir=spill_dir)
+    return [x for x in parse.process(bp._Shard(path, 0, None)) if not isinstance(x, beam.pvalue.TaggedOutput)]
+
+
+def test_spilled_pieces_are_references_to_the_same_bytes(mixed_logs, tmp_path):
+    """With a spill directory the parse stage emits (shard, (path, offset, length)), one file for
+    the block's pieces, and the bytes there are the pieces it emits without one."""
+    _, paths = mixed_logs
+    in_memory = _parse_outputs(paths[0])
+    spilled = _parse_outputs(paths[0], str(tmp_path / "spill"))
+    assert [shard for shard, _ in spilled] == [shard for shard, _ in in_memory] and len(spilled) == 3
+    assert all(isinstance(ref, tuple) and len(ref) == 3 and isinstance(ref[0], str) for _, ref in spilled)
+    assert len({ref[0] for _, ref in spilled}) == 1  # one file for the block
+    assert bp._load_pieces([ref for _, ref in spilled]) == [data for _, data in in_memory]
+    mixed = [in_memory[0][1], spilled[1][1], in_memory[2][1]]  # in-memory and spilled pieces mixed, order kept
+    assert bp._load_pieces(mixed) == [data for _, data in in_memory]
+    assert sum(ref[2] for _, ref in spilled) == os.path.getsize(spilled[0][1][0])
+
+
+def test_a_truncated_spill_file_is_an_error_that_names_it(mixed_logs, tmp_path):
+    _, paths = mixed_logs
+    spilled = _parse_outputs(paths[0], str(tmp_path / "spill"))
+    path, offset, length = spilled[-1][1]
+    with open(path, "r+b") as f:
+        f.truncate(offset + length - 1)
+    with pytest.raises(IOError, match=r"pieces-.*\.arrows: the piece at byte \d+ has \d+ of its \d+ bytes"):
+        bp._load_pieces([ref for _, ref in spilled])
 
 
 def test_finish_removes_files_left_by_failed_attempts(tmp_path):

@@ -103,6 +103,7 @@ def _cmd_ingest(args) -> int:
         split_by=args.split_by,
         max_bad_fraction=args.max_bad_fraction,
         parse=records.ParseOptions(domains=tuple(d for d in args.domains.split(",") if d)),
+        spill_pieces=args.spill,
     )
     try:
         summary = beam_pipeline.run(config, args.out, args.beam_arg)
@@ -206,7 +207,7 @@ def _cmd_finetune(args) -> int:
 def _cmd_benchmark_ingest(args) -> int:
     from benchmarks import ingest
 
-    ingest.run(args.events, args.modes, args.workers, args.workdir, args.out, args.repeat, args.format)
+    ingest.run(args.events, args.modes, args.workers, args.workdir, args.out, args.repeat, args.format, args.spill)
     return 0
 
 
@@ -357,6 +358,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--max-bad-fraction", type=float, default=0.05,
                    help="fail the run when more than this fraction of the records is rejected")
     p.add_argument("--domains", default="", help="comma-separated accepted domains (empty: any)")
+    p.add_argument("--spill", action=argparse.BooleanOptionalAction, default=True,
+                   help="parsed events go to the user shards through files under --out (memory stays flat), "
+                        "not through the runner's shuffle")
     p.add_argument("--beam-arg", action="append", default=[], help="Beam pipeline option, e.g. --beam-arg=--runner=DirectRunner")
     p.set_defaults(func=_cmd_ingest)
 
@@ -397,6 +401,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=1, help="runs of each mode (each is checked for lost records)")
     b.add_argument("--format", choices=["jsonl.gz", "jsonl"], default="jsonl.gz",
                    help="the generated log's format (plain JSON Lines are parsed in byte ranges by several workers)")
+    b.add_argument("--spill", nargs="+", choices=["on", "off"], default=["on"],
+                   help="runs with the parsed pieces spilled to files (the default of xdctr ingest), through the shuffle, or both")
     b.add_argument("--workdir", default="outputs/benchmark/ingest", help="generated logs and outputs")
     b.add_argument("--out", default="outputs/benchmark/ingest.json", help="JSON results")
     b.set_defaults(func=_cmd_benchmark_ingest)

@@ -14,7 +14,10 @@ Elements are blocks, not events. Files are read in shards (byte ranges of plain 
 CSV files, aligned to line starts, so several workers parse one large file; gzip and Parquet
 files are read whole, as gzip cannot be split); each shard is parsed a block of lines at a time
 by pyarrow (`records.parse_block`), and its good events are cut by user into `user_shards`
-pieces (Arrow IPC, zstd). A GroupByKey brings each user shard's pieces together; there the
+pieces (Arrow IPC, zstd), written one after the other to a file a block under the output
+directory's `.temp/` (`spill_pieces`; the DirectRunner's shuffle holds what goes through it in
+memory, so only (path, offset, length) does; the files are removed when the run completes, not
+when read, so a retried bundle finds them). A GroupByKey brings each user shard's pieces together; there the
 events are sorted by (user, ts, ...), exact duplicates dropped, the features of whole users
 computed column-wise (`sequences.columnar_examples`), the tf.Examples encoded from the arrays
 and written as gzip TFRecords, one file per user shard and split. No side input is read by a
@@ -56,7 +59,7 @@ SUMMARY_FILE = "summary.json"
 STATS_DIR = "stats"
 SPLIT_MODES = ("events", "time")
 SCHEMA_FILE = os.path.join("schema", "schema.pbtxt")
-TEMP_DIR = ".temp"  # example files being written; renamed into the splits when complete
+TEMP_DIR = ".temp"  # spilled pieces, and example files being written (renamed into the splits when complete)
 SHARD_BYTES = 64 << 20  # plain text files are parsed in byte ranges of this size
 BLOCK_BYTES = 8 << 20  # a shard is parsed this many bytes of lines at a time
 EVENTS_PER_USER_SHARD = 100_000  # the default number of user shards aims at this many events each
@@ -90,6 +93,10 @@ class IngestConfig:
       parse: validation settings (domains, timestamp range).
       user_shards: number of user shards (0: from the input size, about 100,000 events each).
       shard_bytes: byte range one worker parses of a plain text file.
+      spill_pieces: the parsed pieces go from the parse stage to the user shards through files
+        under the output directory (`.temp/pieces-*.arrows`, removed when the run completes),
+        and the shuffle carries only (path, offset, length); False: the pieces themselves go
+        through the shuffle, which the DirectRunner holds in memory (about 100 bytes an event).
     """
 
     input_patterns: tuple
@@ -103,6 +110,7 @@ class IngestConfig:
     parse: records.ParseOptions = dataclasses.field(default_factory=records.ParseOptions)
     user_shards: int = 0
     shard_bytes: int = SHARD_BYTES
+    spill_pieces: bool = True
 
     def __post_init__(self):
         if not self.input_patterns:
@@ -222,18 +230,57 @@ def _ts_summary(ts: np.ndarray):
     return values, counts
 
 
+def _spill_pieces(spill_dir: str, pieces):
+    """[(user shard, IPC bytes)] -> [(user shard, (path, offset, length))]: the pieces written one
+    after the other to one new file under `spill_dir` (a parse block's pieces: one file a block)."""
+    path = FileSystems.join(spill_dir, f"pieces-{uuid.uuid4().hex}.arrows")
+    refs, offset = [], 0
+    with FileSystems.create(path, mime_type="application/octet-stream",
+                            compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        for shard, data in pieces:
+            handle.write(data)
+            refs.append((shard, (path, offset, len(data))))
+            offset += len(data)
+    return refs
+
+
+def _load_pieces(pieces) -> list:
+    """Pieces as IPC bytes: in-memory ones as they are, spilled ones read from their files (the
+    ranges of one file in a single pass)."""
+    loaded, by_path = [None] * len(pieces), collections.defaultdict(list)
+    for i, piece in enumerate(pieces):
+        if isinstance(piece, bytes):
+            loaded[i] = piece
+        else:
+            by_path[piece[0]].append((piece[1], piece[2], i))
+    for path, ranges in by_path.items():
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            for offset, length, i in sorted(ranges):
+                handle.seek(offset)
+                data = handle.read(length)
+                if len(data) != length:
+                    raise IOError(f"{path}: the piece at byte {offset} has {len(data)} of its {length} bytes; "
+                                  f"the spilled file is truncated")
+                loaded[i] = data
+    return loaded
+
+
 class _ParseShard(beam.DoFn):
     """_Shard -> (user shard, Arrow IPC piece of its good events), plus tagged outputs:
 
     'dead': (path, (shard start, DeadLetter numbered from the shard's first line)),
     'lines': (path, (shard start, lines the shard owns)), 'read': (path, records read),
     'ts': a block's timestamp summary, 'domains': a block's distinct domains.
+
+    With `spill_dir`, a piece is (path, offset, length) of its bytes in a file there, not the bytes.
     """
 
     DEAD, LINES, READ, TS, DOMAINS = "dead", "lines", "read", "ts", "domains"
 
-    def __init__(self, options: records.ParseOptions, user_shards: int, block_bytes: int = BLOCK_BYTES):
+    def __init__(self, options: records.ParseOptions, user_shards: int, block_bytes: int = BLOCK_BYTES,
+                 spill_dir: Optional[str] = None):
         self._options, self._user_shards, self._block_bytes = options, user_shards, block_bytes
+        self._spill_dir = spill_dir
 
     def process(self, shard: _Shard):
         path = shard.path
@@ -297,8 +344,9 @@ class _ParseShard(beam.DoFn):
         order = np.argsort(shards, kind="stable")
         sorted_shards = shards[order]
         bounds = np.flatnonzero(np.diff(sorted_shards)) + 1
-        for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(order)]])):
-            yield int(sorted_shards[lo]), to_ipc(events.take(order[lo:hi]))
+        pieces = [(int(sorted_shards[lo]), to_ipc(events.take(order[lo:hi])))
+                  for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(order)]]))]
+        yield from (_spill_pieces(self._spill_dir, pieces) if self._spill_dir else pieces)
 
 
 def _csv_preamble(handle, source: str):
@@ -344,10 +392,10 @@ class _ReadEvents(beam.PTransform):
     """File patterns -> `_Read`."""
 
     def __init__(self, patterns: Sequence[str], options: records.ParseOptions, user_shards: int,
-                 shard_bytes: int = SHARD_BYTES):
+                 shard_bytes: int = SHARD_BYTES, spill_dir: Optional[str] = None):
         super().__init__()
         self._patterns, self._options = list(patterns), options
-        self._user_shards, self._shard_bytes = user_shards, shard_bytes
+        self._user_shards, self._shard_bytes, self._spill_dir = user_shards, shard_bytes, spill_dir
 
     def expand(self, pbegin):
         parsed = (
@@ -356,7 +404,7 @@ class _ReadEvents(beam.PTransform):
             | "Match" >> fileio.MatchAll(fileio.EmptyMatchTreatment.DISALLOW)
             | "Shards" >> beam.FlatMap(_file_shards, self._shard_bytes)
             | "Reshuffle" >> beam.Reshuffle()  # shards spread over the workers
-            | "Parse" >> beam.ParDo(_ParseShard(self._options, self._user_shards)).with_outputs(
+            | "Parse" >> beam.ParDo(_ParseShard(self._options, self._user_shards, spill_dir=self._spill_dir)).with_outputs(
                 _ParseShard.DEAD, _ParseShard.LINES, _ParseShard.READ, _ParseShard.TS, _ParseShard.DOMAINS,
                 main="pieces")
         )
@@ -639,6 +687,7 @@ class _ShardExamples(beam.DoFn):
         import pyarrow.compute as pc
 
         shard, pieces = element
+        pieces = _load_pieces(list(pieces))
         users = pa.chunked_array([from_ipc(p).column(F.LOG_USER_ID) for p in pieces])
         counts = pc.value_counts(users).flatten()
         heavy = pc.filter(counts[0], pc.greater(counts[1], self._heavy_user_events))
@@ -855,7 +904,8 @@ def schema_text(contract: F.Contract) -> str:
 def build(pipeline: beam.Pipeline, config: IngestConfig, output_dir: str):
     """Adds the ingestion to `pipeline`; returns nothing (it writes under `output_dir`)."""
     user_shards = config.user_shards or default_user_shards(config.input_patterns)
-    read = pipeline | "Read" >> _ReadEvents(config.input_patterns, config.parse, user_shards, config.shard_bytes)
+    spill_dir = os.path.join(output_dir, TEMP_DIR) if config.spill_pieces else None
+    read = pipeline | "Read" >> _ReadEvents(config.input_patterns, config.parse, user_shards, config.shard_bytes, spill_dir)
 
     if config.split_by == "time":
         cutoff = (read.timestamps | "MinMax" >> beam.CombineGlobally(_MinMax())
