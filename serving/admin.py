@@ -44,12 +44,18 @@ def is_loopback_peer(peer: str) -> bool:
 
 
 class ModelAdmin:
-    """GetModelStatus and config reloads on `manager`'s models."""
+    """GetModelStatus and config reloads on `manager`'s models.
 
-    def __init__(self, manager: VersionManager, admin_token: Optional[str] = None, allow_remote_admin: bool = False):
+    `reload_refusal`: why config reloads by RPC are refused (FAILED_PRECONDITION), e.g. because
+    this is one of several server processes and a reload would change only the one it reached.
+    """
+
+    def __init__(self, manager: VersionManager, admin_token: Optional[str] = None, allow_remote_admin: bool = False,
+                 reload_refusal: Optional[str] = None):
         self.manager = manager
         self._admin_token = admin_token
         self._allow_remote_admin = allow_remote_admin
+        self._reload_refusal = reload_refusal
 
     def admin_denial(self, peer: str, metadata: Mapping[str, object]) -> Optional[str]:
         """Why the caller at `peer` with call `metadata` may not use admin RPCs, or None when it may."""
@@ -71,6 +77,10 @@ class ModelAdmin:
         if denial is not None:
             log_event(logger, logging.WARNING, "admin_denied", rpc="HandleReloadConfigRequest", peer=peer)
             raise ServingError(grpc.StatusCode.PERMISSION_DENIED, denial)
+        if self._reload_refusal is not None:
+            log_event(logger, logging.WARNING, "config_reload_refused", source="rpc", code="FAILED_PRECONDITION",
+                      error=self._reload_refusal)
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, self._reload_refusal)
         try:
             self.manager.reload_config(request.config)
         except ServingError as e:

@@ -296,6 +296,8 @@ class ServerOptions:
       max_request_rows: rows (dimension 0) one request input may carry (RESOURCE_EXHAUSTED above).
       max_request_elements: elements all decoded input tensors of one request may hold together
         (RESOURCE_EXHAUSTED above; a TensorProto can declare a huge shape with one value).
+      processes: server processes sharing the gRPC and REST ports (`serving.processes`); each
+        holds its own copy of the models, batches its own requests and polls on its own.
     """
 
     port: int = 0
@@ -322,6 +324,7 @@ class ServerOptions:
     max_request_bytes: int = MAX_MESSAGE_BYTES
     max_request_rows: int = DEFAULT_MAX_REQUEST_ROWS
     max_request_elements: int = DEFAULT_MAX_REQUEST_ELEMENTS
+    processes: int = 1
 
     def __post_init__(self):
         if (self.model_base_path is None) == (self.model_config_file is None):
@@ -354,6 +357,12 @@ class ServerOptions:
             raise ValueError(f"`max_request_bytes` must be at most {MAX_MESSAGE_BYTES}. Received: {self.max_request_bytes}")
         if self.admin_token is not None and not self.admin_token.strip():
             raise ValueError("`admin_token` must not be blank.")
+        if self.processes < 1:
+            raise ValueError(f"`processes` must be at least 1. Received: processes={self.processes}")
+        if self.processes > 1 and self.monitoring_config_file:
+            raise ValueError("--monitoring_config_file serves one process's metrics on the shared REST port, so a "
+                             "scrape would see a random process; with --processes > 1 use --monitoring-port (process "
+                             "i serves its metrics on PORT + i).")
 
     def model_server_config(self) -> model_server_config_pb2.ModelServerConfig:
         """The ModelServerConfig to start with (read from the file, or the single model)."""

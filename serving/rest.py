@@ -246,17 +246,23 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     tracker: _InFlight
 
 
+class _SharedPortHTTPServer(_HTTPServer):
+    allow_reuse_port = True  # SO_REUSEPORT: the server processes of one group share the port
+
+
 class RestServer:
     """Serves a `RestApi` on host:port on daemon threads (`port` is the bound one).
 
     Args:
       metrics_path: also serve the Prometheus metrics there (None: not on this port).
       max_body_bytes: larger bodies are refused with 429 (RESOURCE_EXHAUSTED).
+      reuse_port: bind with SO_REUSEPORT, so the processes of a group (`serving.processes`) share it.
     """
 
-    def __init__(self, api: RestApi, host: str, port: int, metrics_path: Optional[str], max_body_bytes: int):
+    def __init__(self, api: RestApi, host: str, port: int, metrics_path: Optional[str], max_body_bytes: int,
+                 reuse_port: bool = False):
         try:
-            self._server = _HTTPServer((host, port), _Handler)
+            self._server = (_SharedPortHTTPServer if reuse_port else _HTTPServer)((host, port), _Handler)
         except OSError as e:
             raise ValueError(f"Cannot bind the REST API to {host}:{port}: {e.strerror}") from None
         self._server.api, self._server.metrics_path = api, metrics_path

@@ -94,6 +94,7 @@ class ModelServer:
       max_request_rows, max_request_elements: request size limits (RESOURCE_EXHAUSTED above).
       health_servicer: gets each model's SERVING / NOT_SERVING status.
       admin_token, allow_remote_admin: who may reload the config (`serving.admin`).
+      reload_refusal: why config reloads by RPC are refused (None: they are not).
     """
 
     def __init__(
@@ -105,13 +106,14 @@ class ModelServer:
         health_servicer: Optional[health.HealthServicer] = None,
         admin_token: Optional[str] = None,
         allow_remote_admin: bool = False,
+        reload_refusal: Optional[str] = None,
     ):
         self.metrics = metrics if metrics is not None else ServingMetrics()
         self.manager = VersionManager(self.metrics, lambda name, loaded: self.inference.replay_warmup(name, loaded),
                                       health_servicer)
         self.inference = Inference(self.manager, self.metrics, batching,
                                    RequestLimits(max_request_rows, max_request_elements))
-        self.admin = ModelAdmin(self.manager, admin_token, allow_remote_admin)
+        self.admin = ModelAdmin(self.manager, admin_token, allow_remote_admin, reload_refusal)
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Runs the queued batches and stops the batch threads."""
@@ -300,6 +302,9 @@ def _start(options: ServerOptions, config: model_server_config_pb2.ModelServerCo
         health_servicer=health_servicer,
         admin_token=options.admin_token,
         allow_remote_admin=options.allow_remote_admin,
+        reload_refusal=None if options.processes == 1 else (
+            f"This server runs {options.processes} processes and a ReloadConfigRequest reaches one of them; "
+            "change --model_config_file instead, which --model_config_file_poll_wait_seconds applies to every process."),
     )
     metrics_http, grpc_server, rest = None, None, None
     try:
@@ -318,7 +323,8 @@ def _start(options: ServerOptions, config: model_server_config_pb2.ModelServerCo
             metrics_http = MetricsHTTPServer(metrics, options.monitoring_host, options.monitoring_port)
         if options.rest_api_port is not None:
             api = RestApi(model_server.inference, model_server.admin, options.rest_api_timeout_in_ms / 1000.0)
-            rest = RestServer(api, options.host, options.rest_api_port, rest_metrics_path, options.max_request_bytes)
+            rest = RestServer(api, options.host, options.rest_api_port, rest_metrics_path, options.max_request_bytes,
+                              reuse_port=options.processes > 1)
     except BaseException:
         if grpc_server is not None:
             grpc_server.stop(None)  # frees a port already bound
@@ -474,6 +480,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-request-rows", type=int, default=DEFAULT_MAX_REQUEST_ROWS,
         help=f"most rows per request input (default {DEFAULT_MAX_REQUEST_ROWS}; RESOURCE_EXHAUSTED above)",
     )
+    parser.add_argument(
+        "--processes", type=int, default=1,
+        help="server processes sharing the ports (SO_REUSEPORT), each with its own GIL and copy of the models; "
+             "config reloads by RPC are then refused and --monitoring-port P gives process i port P + i (default 1)",
+    )
 
 
 def _absolute(path: Optional[str]) -> Optional[str]:
@@ -505,6 +516,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         grace=args.grace,
         max_request_bytes=args.max_request_bytes,
         max_request_rows=args.max_request_rows,
+        processes=args.processes,
     )
 
 
@@ -516,5 +528,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     """
     options = options_from_args(args)
     configure_json_logging(logging.INFO)
+    if options.processes > 1:
+        from serving import processes
+
+        return processes.serve_processes_until_signal(options)
     serve_until_signal(options)
     return 0

@@ -155,6 +155,7 @@ def test_settings_and_candidate_summary_are_recorded(benchmark):
     assert goals["met"] == (goals["qps_ratio"] >= 0.7 and goals["p99_at_half_load_ms"] <= 20.0)
     assert set(benchmark["in_process_tensorflow_threads"]) == {"intra_op", "inter_op"}
     assert benchmark["settings"]["requests"] == REQUESTS
+    assert benchmark["settings"]["server_processes"] == serve.DEFAULT_SERVER_PROCESSES == 2  # the batching server
     assert benchmark["model"]["version"] == 1 and benchmark["model"]["examples_read"] == NUM_EXAMPLES
     per_set = benchmark["ms_per_candidate_set"]
     assert set(per_set) == {r["scenario"] for r in benchmark["results"] if r["group"] == serve.CANDIDATES}
