@@ -70,12 +70,21 @@ def prepare_real(workdir: str, set_name: str) -> str:
     return _ingest(log, os.path.join(directory, "examples"))
 
 
-def prepare_loo(workdir: str, negatives: int = 4) -> tuple:
-    """(interactions CSV, examples dir) of food-kitchen's leave-one-out train part."""
+LOO_NEGATIVES = 4  # uniform non-clicks per click of the leave-one-out train part
+
+
+def loo_dir(workdir: str, negatives: int = LOO_NEGATIVES) -> str:
+    """The leave-one-out set's directory: `food-kitchen-loo`, with `-kK` for K != 4 non-clicks."""
+    return os.path.join(workdir, "food-kitchen-loo" + ("" if negatives == LOO_NEGATIVES else f"-k{negatives}"))
+
+
+def prepare_loo(workdir: str, negatives: int = LOO_NEGATIVES) -> tuple:
+    """(interactions CSV, examples dir) of food-kitchen's leave-one-out train part, `negatives`
+    uniform non-clicks per click."""
     from components.ingest import importer
 
     interactions = _interactions(REAL_SETS["food-kitchen"])
-    directory = os.path.join(workdir, "food-kitchen-loo")
+    directory = loo_dir(workdir, negatives)
     log = os.path.join(directory, "train.jsonl.gz")
     if not os.path.exists(log):
         os.makedirs(directory, exist_ok=True)
@@ -86,8 +95,9 @@ def prepare_loo(workdir: str, negatives: int = 4) -> tuple:
 
 def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epochs: int, patience: int,
             batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True,
-            learning_rate: float = 1e-3) -> List[dict]:
-    """Trains, exports and ranks every model and seed on food-kitchen's leave-one-out protocol;
+            learning_rate: float = 1e-3, negatives: int = LOO_NEGATIVES) -> List[dict]:
+    """Trains, exports and ranks every model and seed on food-kitchen's leave-one-out protocol
+    (trained on the train part with `negatives` uniform non-clicks per click);
     the rankings of the references (with `baselines`) come first. Returns the `ranking.evaluate`
     results; `overrides` apply to every model's config (runs are named `model[key=value]`)."""
     import tensorflow as tf
@@ -96,11 +106,11 @@ def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epoc
     from components.trainer import export
     from models import config as config_lib
 
-    interactions, examples = prepare_loo(workdir)
+    interactions, examples = prepare_loo(workdir, negatives)
     contract = beam_pipeline.read_contract(examples)
     rows = sum(beam_pipeline.read_summary(examples)["rows"].values())
     files = sorted(tf.io.gfile.glob(os.path.join(examples, "Split-*", "*.gz")))
-    directory = os.path.join(workdir, "food-kitchen-loo")
+    directory = loo_dir(workdir, negatives)
     overrides = dict(overrides or {})
     suffix = train.run_suffix(overrides)
     results = []
@@ -206,7 +216,7 @@ def targets(results: dict) -> List[str]:
 def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, sets: Sequence[str] = SETS,
         seeds: Sequence[int] = (0, 1, 2), users: int = 20_000, epochs: int = 10, patience: int = 1,
         batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True,
-        learning_rate: float = 1e-3) -> dict:
+        learning_rate: float = 1e-3, loo_negatives: int = LOO_NEGATIVES) -> dict:
     """Runs the chosen sets; writes the JSON (`out`) and the Markdown (`markdown_path`).
 
     `overrides` (config field -> value) apply to every model, as in `benchmark train`; without
@@ -223,7 +233,7 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
         print(f"== {set_name}", flush=True)
         if set_name == "food-kitchen-loo":
             results[set_name] = run_loo(model_names, workdir, seeds, epochs, patience, batch_size, max_users,
-                                        overrides, baselines, learning_rate)
+                                        overrides, baselines, learning_rate, loo_negatives)
             sections.append(f"### food-kitchen, leave-one-out\n\n{ranking.markdown(results[set_name])}")
             continue
         set_dir = os.path.join(workdir, set_name)

@@ -39,3 +39,29 @@ def test_targets_report_what_was_measured():
                         "difference 0.0045 (beats it by more than 2 std)")
     assert lines[4].endswith("+0.0080, 2 std of the difference 0.0204 (does NOT beat it by more than 2 std)")
     assert len(lines) == 5
+
+
+def test_loo_train_part_has_the_asked_negatives_in_its_own_directory(tmp_path, monkeypatch):
+    """--loo-negatives K: the train part gets K uniform non-clicks per click, under food-kitchen-loo-kK."""
+    import gzip
+    import json
+    import os
+
+    csv = tmp_path / "interactions.csv"
+    rows = ["user_id,item_id,domain,ts"]
+    for u in range(6):
+        for t in range(5):
+            domain = "grocery" if t % 2 else "kitchen"
+            rows.append(f"u{u},{domain[0]}{(u + t) % 40},{domain},{1000 + 10 * t}")
+    rows += [f"x{i},{d[0]}{i},{d},1" for i in range(40) for d in ("grocery", "kitchen")]  # the item pool
+    csv.write_text("\n".join(rows) + "\n")
+    monkeypatch.setattr(quality, "_interactions", lambda name: str(csv))
+    assert quality.loo_dir(str(tmp_path)) == os.path.join(str(tmp_path), "food-kitchen-loo")
+    for k in (4, 7):
+        _, examples = quality.prepare_loo(str(tmp_path), negatives=k)
+        assert examples == os.path.join(quality.loo_dir(str(tmp_path), k), "examples")
+        with gzip.open(os.path.join(quality.loo_dir(str(tmp_path), k), "train.jsonl.gz"), "rt") as f:
+            log = [json.loads(line) for line in f]
+        clicks = sum(r["clicked"] for r in log)
+        assert clicks > 0 and len(log) - clicks == k * clicks
+    assert quality.loo_dir(str(tmp_path), 7).endswith("food-kitchen-loo-k7")

@@ -253,7 +253,7 @@ def _cmd_benchmark_quality(args) -> int:
     quality.run(names, args.workdir, args.out, args.markdown, sets=args.sets, seeds=args.seeds, users=args.users,
                 epochs=args.epochs, patience=args.early_stopping_patience, batch_size=args.batch_size,
                 max_users=args.max_users, overrides=overrides, baselines=not args.no_references,
-                learning_rate=args.learning_rate)
+                learning_rate=args.learning_rate, loo_negatives=args.loo_negatives)
     return 0
 
 
@@ -437,6 +437,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=256, help="training batch size")
     b.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's learning rate")
     b.add_argument("--max-users", type=int, help="leave-one-out: rank only the first N users' test cases (quick checks)")
+    b.add_argument("--loo-negatives", type=int, default=4,
+                   help="leave-one-out: uniform non-clicks per click of the train part (K != 4 in food-kitchen-loo-kK)")
     b.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="config override for every model, e.g. inputs.item_buckets=262144 (runs are named model[...])")
     b.add_argument("--no-references", action="store_true",
