@@ -100,8 +100,8 @@ def run(events: List[int], modes: List[str], workers: int, workdir: str, out: st
         log_format: str = "jsonl.gz", spill: Sequence[str] = ("on",)) -> list:
     os.makedirs(workdir, exist_ok=True)
     results = []
-    print(f"{'events':>10} {'mode':>16} {'workers':>7} {'spill':>5} {'run':>3} {'seconds':>9} {'events/s':>10} {'cpu s':>8} "
-          f"{'events/cpu s':>12} {'peak MB':>9} {'load':>5}")
+    print(f"{'events':>10} {'mode':>16} {'workers':>7} {'spill':>5} {'run':>3} {'seconds':>9} {'events/s':>10} "
+          f"{'cpu s':>8} {'events/cpu s':>12} {'peak MB':>9} {'load':>5}")
     for n in events:
         started = time.time()
         log = _log_for(n, workdir, log_format)
@@ -118,7 +118,8 @@ def run(events: List[int], modes: List[str], workers: int, workdir: str, out: st
                 except IngestionFailed as e:  # recorded, so the other runs go on and the JSON says why
                     row = {"events": None, **base, "seconds": round(e.seconds, 2), "error": e.reason}
                     results.append(row)
-                    print(f"{'-':>10} {mode:>16} {workers:>7} {spill_mode:>5} {run_index:>3} {row['seconds']:>9}  FAILED: {e.reason}",
+                    print(f"{'-':>10} {mode:>16} {workers:>7} {spill_mode:>5} {run_index:>3} {row['seconds']:>9}  "
+                          f"FAILED: {e.reason}",
                           flush=True)
                     continue
                 total = r["summary"]["records_read"]

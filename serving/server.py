@@ -304,7 +304,8 @@ def _start(options: ServerOptions, config: model_server_config_pb2.ModelServerCo
         allow_remote_admin=options.allow_remote_admin,
         reload_refusal=None if options.processes == 1 else (
             f"This server runs {options.processes} processes and a ReloadConfigRequest reaches one of them; "
-            "change --model_config_file instead, which --model_config_file_poll_wait_seconds applies to every process."),
+            "change --model_config_file instead, which --model_config_file_poll_wait_seconds applies to every "
+            "process."),
     )
     metrics_http, grpc_server, rest = None, None, None
     try:

@@ -402,7 +402,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--format", choices=["jsonl.gz", "jsonl"], default="jsonl.gz",
                    help="the generated log's format (plain JSON Lines are parsed in byte ranges by several workers)")
     b.add_argument("--spill", nargs="+", choices=["on", "off"], default=["on"],
-                   help="runs with the parsed pieces spilled to files (the default of xdctr ingest), through the shuffle, or both")
+                   help="runs with the parsed pieces spilled to files (the default of xdctr ingest), through the "
+                        "shuffle, or both")
     b.add_argument("--workdir", default="outputs/benchmark/ingest", help="generated logs and outputs")
     b.add_argument("--out", default="outputs/benchmark/ingest.json", help="JSON results")
     b.set_defaults(func=_cmd_benchmark_ingest)
