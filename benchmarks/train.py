@@ -120,10 +120,13 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
 
     `train_rows` is the number of rows in `train_files` (one epoch = train_rows // batch_size
     steps, so an epoch passes once over the non-held-out rows). Returns (model, its config,
-    {"epochs_run", "best_epoch", "val_loss"}).
+    {"epochs_run", "best_epoch", "val_loss", "item_hashing"}). Item buckets are sized from
+    `train_files` as the Trainer sizes them (`task.resolve_model_config`) unless `overrides` name a
+    number; "item_hashing" holds `task.item_hashing`'s collision stats for the size used.
     """
     keras.utils.set_random_seed(seed)
-    config = task.resolve_model_config(name, overrides, contract)
+    config = task.resolve_model_config(name, overrides, contract, train_files=train_files)
+    hashing = task.item_hashing(train_files, contract, config.inputs.item_buckets)
     data = dict(config=config.inputs, only_domain=getattr(config, "domain", ""), validation_fraction=validation_fraction)
     train = preprocess.dataset(train_files, batch_size=batch_size, shuffle=True, seed=seed, holdout="train",
                                repeat=True, **data)
@@ -141,7 +144,7 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
                        verbose=0)
     val_loss = [float(v) for v in history.history.get("val_loss", [])]
     info = {"epochs_run": len(val_loss), "best_epoch": int(np.argmin(val_loss)) + 1 if val_loss else None,
-            "val_loss": [round(v, 6) for v in val_loss]}
+            "val_loss": [round(v, 6) for v in val_loss], "item_hashing": hashing}
     return model, config, info
 
 

@@ -82,6 +82,32 @@ def test_train_model_stops_early_at_the_best_epoch(tiny_examples):
     assert now == pytest.approx(min(losses), rel=1e-3)
 
 
+def test_train_model_sizes_item_buckets_from_the_train_files(tiny_examples):
+    """As the Trainer does: without a number in the overrides the buckets follow the item count."""
+    import os
+
+    import tensorflow as tf
+
+    from components.ingest import beam_pipeline
+    from components.trainer import preprocess, task
+    from xdctr import features as F
+
+    contract = beam_pipeline.read_contract(tiny_examples)
+    files = sorted(tf.io.gfile.glob(os.path.join(tiny_examples, "Split-train", "*.gz")))
+    rows = beam_pipeline.read_summary(tiny_examples)["rows"][F.TRAIN_SPLIT]
+    distinct = len(preprocess.distinct_item_ids(files, contract))
+    expected = preprocess.auto_item_buckets(distinct, task.ITEM_BUCKET_FACTOR)
+    small = {"embedding_dim": 8, "hidden_units": [8], "inputs": {"user_buckets": 64}}
+    _, config, info = train.train_model("dnn_multi", small, contract, files, rows, seed=0, epochs=1, batch_size=64)
+    assert 0 < distinct < 200 and expected != 1 << 15  # the InputConfig default would be a different size
+    assert config.inputs.item_buckets == expected
+    assert info["item_hashing"]["item_buckets"] == expected and info["item_hashing"]["distinct_items"] == distinct
+    # A number in the overrides is kept.
+    fixed = {**small, "inputs": {"user_buckets": 64, "item_buckets": 512}}
+    _, config, info = train.train_model("dnn_multi", fixed, contract, files, rows, seed=0, epochs=1, batch_size=64)
+    assert config.inputs.item_buckets == 512 and info["item_hashing"]["item_buckets"] == 512
+
+
 def test_run_suffix_names_nested_overrides():
     assert train.run_suffix({}) == ""
     assert train.run_suffix({"use_sc_mim": False, "inputs": {"item_buckets": 262144}}) == (
