@@ -12,7 +12,9 @@ Sets (`--sets`, all by default):
   ingested (both of the ingestion's splits are training data here: the protocol's test cases are
   held out before), each model trained, exported and ranked through `score_candidates` on the
   test cases (999 seeded negatives); the `popularity` and `random` references; next to ABXI's
-  published numbers.
+  published numbers. Models train with the sampled-softmax objective by default (each click
+  against `--ranking-negatives` uniform items of its domain; `--loo-objective pointwise` trains
+  the CTR log loss on the imported non-clicks instead).
 
 Every model is trained for every seed (`--seeds`, 0 1 2) by `benchmarks.train.train_model`: the
 Trainer's validation holdout (10% of the training rows) and early stopping on its loss, best
@@ -71,6 +73,8 @@ def prepare_real(workdir: str, set_name: str) -> str:
 
 
 LOO_NEGATIVES = 4  # uniform non-clicks per click of the leave-one-out train part
+LOO_OBJECTIVE = "sampled_softmax"  # a ranking protocol: train for ranking (`task.TrainingConfig.objective`)
+RANKING_NEGATIVES = 32
 
 
 def loo_dir(workdir: str, negatives: int = LOO_NEGATIVES) -> str:
@@ -95,11 +99,16 @@ def prepare_loo(workdir: str, negatives: int = LOO_NEGATIVES) -> tuple:
 
 def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epochs: int, patience: int,
             batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True,
-            learning_rate: float = 1e-3, negatives: int = LOO_NEGATIVES) -> List[dict]:
+            learning_rate: float = 1e-3, negatives: int = LOO_NEGATIVES, objective: str = LOO_OBJECTIVE,
+            ranking_negatives: int = RANKING_NEGATIVES) -> List[dict]:
     """Trains, exports and ranks every model and seed on food-kitchen's leave-one-out protocol
     (trained on the train part with `negatives` uniform non-clicks per click);
     the rankings of the references (with `baselines`) come first. Returns the `ranking.evaluate`
-    results; `overrides` apply to every model's config (runs are named `model[key=value]`)."""
+    results; `overrides` apply to every model's config (runs are named `model[key=value]`).
+    `objective` ("sampled_softmax" by default: each click against `ranking_negatives` uniform
+    items of its domain; "pointwise": the CTR log loss on the imported non-clicks too) as in
+    `task.TrainingConfig`; runs under another objective than the default are named
+    `model[objective=...]`."""
     import tensorflow as tf
 
     from components.ingest import beam_pipeline
@@ -112,7 +121,7 @@ def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epoc
     files = sorted(tf.io.gfile.glob(os.path.join(examples, "Split-*", "*.gz")))
     directory = loo_dir(workdir, negatives)
     overrides = dict(overrides or {})
-    suffix = train.run_suffix(overrides)
+    suffix = train.run_suffix({**overrides, **({"objective": objective} if objective != LOO_OBJECTIVE else {})})
     results = []
     for baseline in ranking.BASELINES if baselines else ():
         for seed in seeds:
@@ -124,7 +133,8 @@ def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epoc
             started = time.monotonic()
             model, config, info = train.train_model(name, overrides, contract, files, rows, seed=seed, epochs=epochs,
                                                     batch_size=batch_size, patience=patience,
-                                                    learning_rate=learning_rate)
+                                                    learning_rate=learning_rate, objective=objective,
+                                                    ranking_negatives=ranking_negatives)
             trained = time.monotonic() - started
             slug = re.sub(r"[^A-Za-z0-9_.=,-]+", "_", f"{name}{suffix}-{seed}")  # no glob characters in paths
             model_dir = os.path.join(directory, "models", slug)
@@ -216,7 +226,8 @@ def targets(results: dict) -> List[str]:
 def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, sets: Sequence[str] = SETS,
         seeds: Sequence[int] = (0, 1, 2), users: int = 20_000, epochs: int = 10, patience: int = 1,
         batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True,
-        learning_rate: float = 1e-3, loo_negatives: int = LOO_NEGATIVES) -> dict:
+        learning_rate: float = 1e-3, loo_negatives: int = LOO_NEGATIVES, loo_objective: str = LOO_OBJECTIVE,
+        ranking_negatives: int = RANKING_NEGATIVES) -> dict:
     """Runs the chosen sets; writes the JSON (`out`) and the Markdown (`markdown_path`).
 
     `overrides` (config field -> value) apply to every model, as in `benchmark train`; without
@@ -233,7 +244,8 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
         print(f"== {set_name}", flush=True)
         if set_name == "food-kitchen-loo":
             results[set_name] = run_loo(model_names, workdir, seeds, epochs, patience, batch_size, max_users,
-                                        overrides, baselines, learning_rate, loo_negatives)
+                                        overrides, baselines, learning_rate, loo_negatives, loo_objective,
+                                        ranking_negatives)
             sections.append(f"### food-kitchen, leave-one-out\n\n{ranking.markdown(results[set_name])}")
             continue
         set_dir = os.path.join(workdir, set_name)

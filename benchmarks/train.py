@@ -115,7 +115,8 @@ def _with_label_dict(inputs, label):
 
 def train_model(name: str, overrides: dict, contract: F.Contract, train_files: Sequence[str], train_rows: int, *,
                 seed: int, epochs: int, batch_size: int = 256, patience: int = 1, validation_fraction: float = 0.1,
-                learning_rate: float = 1e-3, callbacks=()) -> tuple:
+                learning_rate: float = 1e-3, callbacks=(), objective: str = task.POINTWISE,
+                ranking_negatives: int = 32) -> tuple:
     """Trains registered model `name` as the Trainer does, with early stopping on the holdout.
 
     `train_rows` is the number of rows in `train_files` (one epoch = train_rows // batch_size
@@ -123,28 +124,39 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
     {"epochs_run", "best_epoch", "val_loss", "item_hashing"}). Item buckets are sized from
     `train_files` as the Trainer sizes them (`task.resolve_model_config`) unless `overrides` name a
     number; "item_hashing" holds `task.item_hashing`'s collision stats for the size used.
+    `objective` and `ranking_negatives` as in `task.TrainingConfig`; under "sampled_softmax" only
+    click rows are read, and an epoch passes once over the clicks (counted here).
     """
+    training = task.TrainingConfig(batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                                   validation_fraction=validation_fraction, objective=objective,
+                                   ranking_negatives=ranking_negatives)
+    ranking = objective == task.SAMPLED_SOFTMAX
     keras.utils.set_random_seed(seed)
     config = task.resolve_model_config(name, overrides, contract, train_files=train_files)
     hashing = task.item_hashing(train_files, contract, config.inputs.item_buckets)
-    data = dict(config=config.inputs, only_domain=getattr(config, "domain", ""), validation_fraction=validation_fraction)
+    data = dict(config=config.inputs, only_domain=getattr(config, "domain", ""), validation_fraction=validation_fraction,
+                clicks_only=ranking)
     train = preprocess.dataset(train_files, batch_size=batch_size, shuffle=True, seed=seed, holdout="train",
                                repeat=True, **data)
     # Not repeated, validation_steps None: every epoch's validation loss is over the whole holdout once.
     validation = preprocess.dataset(train_files, batch_size=VALIDATION_BATCH, holdout="validation", **data)
     model = models.build(name, config)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss={F.SERVING_OUTPUT: keras.losses.BinaryCrossentropy()}, jit_compile=False)
+    task.compile_model(model, training, train_files, contract, metrics=False)
     stopping = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+    if ranking:
+        train_rows = preprocess.count_clicks(train_files)
     steps_per_epoch = max(1, train_rows // batch_size)
     history = task.fit(model, train.map(_with_label_dict), steps=steps_per_epoch * epochs, epochs=epochs,
                        validation_data=validation.map(_with_label_dict),
                        validation_steps=None,
                        callbacks=list(callbacks), final_callbacks=[stopping, _EpochLog(f"{name} seed {seed}")],
                        verbose=0)
+    model.clear_ranking_objective()
     val_loss = [float(v) for v in history.history.get("val_loss", [])]
     info = {"epochs_run": len(val_loss), "best_epoch": int(np.argmin(val_loss)) + 1 if val_loss else None,
-            "val_loss": [round(v, 6) for v in val_loss], "item_hashing": hashing}
+            "val_loss": [round(v, 6) for v in val_loss], "item_hashing": hashing, "objective": objective}
+    if ranking:
+        info.update(ranking_negatives=ranking_negatives, train_clicks=train_rows)
     return model, config, info
 
 

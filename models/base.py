@@ -10,6 +10,16 @@ candidate:
 `call()` composes the two and returns what is served: `{SERVING_OUTPUT: ctr}` plus any named
 outputs a model wants to expose. Training losses beyond the CTR log loss (regularisers,
 auxiliary objectives) live in `auxiliary_losses()`, outside `call()`; the training task adds them.
+
+Two training objectives (`TrainingConfig.objective`, set by the Trainer):
+  pointwise: the compiled log loss of each row's label (the CTR task; the default).
+  sampled_softmax: a ranking objective for next-item protocols. Each click row's candidate is
+    contrasted with `negatives` items drawn uniformly, with replacement, from the distinct train
+    items of the row's domain (`set_ranking_objective`); the loss is the softmax cross-entropy
+    of the click against them. The context is encoded once per row and `score` runs on the
+    negatives with it, so any model built on `encode_context`/`score` supports it. A sampled
+    item equal to the click is not a negative (its logit is masked). The served output stays
+    sigmoid(logit): a ranking score, not a calibrated click probability, under this objective.
 """
 
 from __future__ import annotations
@@ -24,6 +34,46 @@ from xdctr import features as F
 
 
 DEFAULT_PHASE = "ctr"
+RANKING_LOGITS = "ranking_logits"  # training output under the sampled-softmax objective: (B, 1 + negatives)
+_MASKED_LOGIT = -1e9
+
+
+def _num_replicas() -> int:
+    """Replicas of the TensorFlow distribution strategy (1 on other backends)."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+class _RankingSampler:
+    """Uniform negatives per domain from a flat table of item indices (not a Keras layer: its
+    tables are not weights and are not saved)."""
+
+    def __init__(self, domain_items, negatives: int, seed: int):
+        if negatives <= 0:
+            raise ValueError(f"`negatives` must be positive. Received: negatives={negatives}")
+        counts = [len(items) for items in domain_items]
+        if not any(counts):
+            raise ValueError("the sampled-softmax objective needs items in at least one domain; every domain is empty")
+        flat = [int(i) for items in domain_items for i in items]
+        offsets = [sum(counts[:d]) for d in range(len(counts))]
+        self.negatives = int(negatives)
+        self.items = ops.convert_to_tensor(flat, dtype="int32")  # (sum of counts,)
+        self.offsets = ops.convert_to_tensor(offsets, dtype="int32")  # (D,)
+        self.counts = ops.convert_to_tensor(counts, dtype="int32")  # (D,)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def sample(self, domain):
+        """(B,) domain indices -> ((B, N) item indices, (B,) bool: the domain has items)."""
+        domain = ops.cast(domain, "int32")
+        counts = ops.take(self.counts, domain)  # (B,)
+        draws = keras.random.uniform((ops.shape(domain)[0], self.negatives), seed=self.seed_generator)
+        index = ops.cast(ops.floor(draws * ops.cast(ops.expand_dims(counts, -1), "float32")), "int32")
+        index = ops.minimum(index, ops.maximum(ops.expand_dims(counts, -1) - 1, 0))  # draws of exactly 1.0
+        flat = ops.expand_dims(ops.take(self.offsets, domain), -1) + index  # (B, N)
+        return ops.take(self.items, ops.minimum(flat, ops.shape(self.items)[0] - 1)), counts > 0
 
 
 def dummy_inputs(input_config: InputConfig, batch: int = 1) -> dict:
@@ -54,6 +104,47 @@ class CTRModel(keras.Model):
     """
 
     phase = DEFAULT_PHASE
+    supports_ranking_objective = True  # False for models whose own objective replaces the CTR loss
+    _ranking = None
+
+    def set_ranking_objective(self, domain_items, negatives: int, seed: int = 0) -> None:
+        """Trains with the sampled-softmax objective (module docstring) until `clear_ranking_objective`.
+
+        `domain_items`: one sequence of item indices (hashed, as the model sees them) per domain,
+        in the config's domain order: the items negatives are drawn from.
+        """
+        if not self.supports_ranking_objective:
+            raise ValueError(f"{type(self).__name__} trains its own objective; the sampled-softmax objective is not "
+                             "available for it (use objective=pointwise)")
+        if len(domain_items) != self.config.inputs.num_domains:
+            raise ValueError(f"`domain_items` must have one entry per domain ({self.config.inputs.num_domains}). "
+                             f"Received: {len(domain_items)}")
+        self._ranking = _RankingSampler(domain_items, negatives, seed)
+        self.train_function = self.test_function = None  # the steps change: make `fit` retrace them
+
+    def clear_ranking_objective(self) -> None:
+        """Back to the pointwise objective (before export: the served graph has no sampler)."""
+        self._ranking = None
+        self.train_function = self.test_function = self.predict_function = None
+
+    def ranking_logits(self, context: dict, logits, inputs, training=False):
+        """(B, 1 + N) logits: each row's candidate first, then N sampled items of its domain.
+
+        The context is repeated N times per row (row-major, matching the (B, N) negatives).
+        Negatives equal to the candidate, and all of them for a domain without items, get
+        `_MASKED_LOGIT`.
+        """
+        sampler = self._ranking
+        item, domain = inputs[F.ITEM_ID], ops.cast(inputs[F.DOMAIN], "int32")
+        negatives, present = sampler.sample(domain)  # (B, N), (B,)
+        n = sampler.negatives
+        tiled = {name: ops.repeat(value, n, axis=0) for name, value in context.items()}
+        negative_logits = self.score(tiled, ops.reshape(negatives, (-1,)), ops.repeat(domain, n, axis=0),
+                                     training=training)
+        negative_logits = ops.reshape(ops.cast(negative_logits, "float32"), (-1, n))  # (B, N)
+        real = ops.logical_and(negatives != ops.expand_dims(ops.cast(item, "int32"), -1), ops.expand_dims(present, -1))
+        negative_logits = ops.where(real, negative_logits, _MASKED_LOGIT)
+        return ops.concatenate([ops.expand_dims(ops.cast(logits, "float32"), -1), negative_logits], axis=-1)
 
     def encode_context(self, inputs, training=False) -> dict:
         """Candidate-independent tensors of each row (user, histories); (B, ...) each."""
@@ -98,11 +189,31 @@ class CTRModel(keras.Model):
     def call(self, inputs, training=False):
         context = self.encode_context(inputs, training=training)
         logits = self.score(context, inputs[F.ITEM_ID], inputs[F.DOMAIN], training=training)
-        return {F.SERVING_OUTPUT: ops.sigmoid(ops.cast(logits, "float32"))}
+        outputs = {F.SERVING_OUTPUT: ops.sigmoid(ops.cast(logits, "float32"))}
+        if self._ranking is not None:
+            outputs[RANKING_LOGITS] = self.ranking_logits(context, logits, inputs, training=training)
+        return outputs
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """The compiled CTR loss plus `auxiliary_losses` (Keras calls this in `fit`)."""
-        loss = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+        """The compiled CTR loss plus `auxiliary_losses` (Keras calls this in `fit`).
+
+        Under the sampled-softmax objective (`RANKING_LOGITS` in the outputs) the first term is
+        instead the mean over click rows of -log softmax(ranking logits)[0]; rows labelled 0 add
+        nothing (the Trainer feeds only clicks then).
+        """
+        if isinstance(y_pred, Mapping) and RANKING_LOGITS in y_pred:
+            labels = y[F.SERVING_OUTPUT] if isinstance(y, Mapping) else y
+            loss = sampled_softmax_loss(y_pred[RANKING_LOGITS], labels) / _num_replicas()
+        else:
+            loss = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
         for value in self.auxiliary_losses(x, y_pred, training=training).values():
             loss = loss + ops.cast(value, loss.dtype)
         return loss
+
+
+def sampled_softmax_loss(ranking_logits, labels):
+    """Mean over rows with label 1 of -log softmax(ranking_logits)[:, 0]; 0 without such rows."""
+    ranking_logits = ops.cast(ranking_logits, "float32")
+    weights = ops.cast(ops.reshape(labels, (-1,)) > 0.5, "float32")  # (B,)
+    per_row = ops.logsumexp(ranking_logits, axis=-1) - ranking_logits[:, 0]
+    return ops.sum(weights * per_row) / ops.maximum(ops.sum(weights), 1.0)

@@ -9,7 +9,7 @@ import keras
 from keras import ops
 
 from models import config as config_lib
-from models.base import DEFAULT_PHASE, CTRModel
+from models.base import DEFAULT_PHASE, CTRModel, _num_replicas
 from models.config import InputConfig
 from models.layers.critic import DomainCritic, cross_domain_interpolates, gradient_penalty, one_vs_rest_wasserstein
 from models.layers.sampled_softmax import SAMPLERS, SampledSoftmaxLoss
@@ -177,15 +177,6 @@ def _served(outputs):
     return {F.SERVING_OUTPUT: outputs[F.SERVING_OUTPUT]} if isinstance(outputs, dict) else outputs
 
 
-def _num_replicas() -> int:
-    """Replicas of the TensorFlow distribution strategy (1 on other backends)."""
-    if keras.backend.backend() != "tensorflow":
-        return 1
-    import tensorflow as tf
-
-    return tf.distribute.get_strategy().num_replicas_in_sync
-
-
 @register("recguru", RecGURUConfig)
 @keras.saving.register_keras_serializable(package="xdctr")
 class RecGURU(CTRModel):
@@ -311,6 +302,8 @@ class RecGURU(CTRModel):
     row and dots it with the candidate's embedding in that domain's table, so a batch of
     candidates may mix domains.
     """
+
+    supports_ranking_objective = False  # its own objectives (config.objective) replace the CTR loss
 
     def __init__(self, config: RecGURUConfig, **kwargs):
         super().__init__(**kwargs)

@@ -31,6 +31,10 @@ def _entry(name: str):
     return _REGISTRY[name]
 
 
+def model_class(name: str) -> type:
+    return _entry(name)[0]
+
+
 def default_config(name: str):
     return _entry(name)[1]()
 

@@ -316,6 +316,8 @@ class SyNCRec(CTRModel):
     HISTORY_MASK, DOMAIN_HISTORY_ITEM_IDS and DOMAIN_HISTORY_MASK.
     """
 
+    supports_ranking_objective = False  # its own objectives (config.objective) replace the CTR loss
+
     def __init__(self, config: SyNCRecConfig, **kwargs):
         kwargs.setdefault("name", "syncrec")
         super().__init__(**kwargs)

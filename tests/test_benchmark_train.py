@@ -108,6 +108,41 @@ def test_train_model_sizes_item_buckets_from_the_train_files(tiny_examples):
     assert config.inputs.item_buckets == 512 and info["item_hashing"]["item_buckets"] == 512
 
 
+def test_train_model_under_sampled_softmax_passes_over_the_clicks(tiny_examples):
+    """An epoch is the clicks over the batch size; the run's info names the objective; the
+    returned model is back to the served graph."""
+    import os
+
+    import math
+
+    import keras
+    import tensorflow as tf
+
+    from components.ingest import beam_pipeline
+    from components.trainer import preprocess
+    from xdctr import features as F
+
+    contract = beam_pipeline.read_contract(tiny_examples)
+    files = sorted(tf.io.gfile.glob(os.path.join(tiny_examples, "Split-train", "*.gz")))
+    rows = beam_pipeline.read_summary(tiny_examples)["rows"][F.TRAIN_SPLIT]
+    clicks = preprocess.count_clicks(files)
+    assert 0 < clicks < rows
+    steps = []
+
+    class Steps(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            steps.append(self.params["steps"])
+
+    small = {"embedding_dim": 8, "hidden_units": [8], "inputs": {"user_buckets": 64}}
+    model, _, info = train.train_model("dnn_multi", small, contract, files, rows, seed=0, epochs=2, batch_size=16,
+                                       patience=2, objective="sampled_softmax", ranking_negatives=4,
+                                       callbacks=[Steps()])
+    assert info["objective"] == "sampled_softmax" and info["ranking_negatives"] == 4
+    assert info["train_clicks"] == clicks and steps == [clicks // 16] * 2
+    assert len(info["val_loss"]) == 2 and all(0 < v < 2 * math.log(5) for v in info["val_loss"])
+    assert model._ranking is None
+
+
 def test_run_suffix_names_nested_overrides():
     assert train.run_suffix({}) == ""
     assert train.run_suffix({"use_sc_mim": False, "inputs": {"item_buckets": 262144}}) == (

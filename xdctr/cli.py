@@ -128,6 +128,7 @@ def _pipeline_args(args, local: bool) -> dict:
     models.resolve_config(args.model, overrides)  # fail early on a bad config
     training = TrainingConfig(batch_size=args.batch_size, learning_rate=args.learning_rate, epochs=args.epochs,
                               seed=args.seed, early_stopping_patience=args.early_stopping_patience,
+                              objective=args.objective, ranking_negatives=args.ranking_negatives,
                               mixed_precision=args.mixed_precision, jit_compile=args.jit_compile)
     serving_dir = args.serving_dir if "://" in args.serving_dir else os.path.abspath(args.serving_dir)
     return dict(
@@ -253,7 +254,8 @@ def _cmd_benchmark_quality(args) -> int:
     quality.run(names, args.workdir, args.out, args.markdown, sets=args.sets, seeds=args.seeds, users=args.users,
                 epochs=args.epochs, patience=args.early_stopping_patience, batch_size=args.batch_size,
                 max_users=args.max_users, overrides=overrides, baselines=not args.no_references,
-                learning_rate=args.learning_rate, loo_negatives=args.loo_negatives)
+                learning_rate=args.learning_rate, loo_negatives=args.loo_negatives,
+                loo_objective=args.loo_objective, ranking_negatives=args.ranking_negatives)
     return 0
 
 
@@ -272,6 +274,10 @@ def _add_pipeline_flags(p, root_default: str):
     p.add_argument("--batch-size", type=int, default=256, help="training batch size")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--early-stopping-patience", type=int, default=2, help="0 disables early stopping")
+    p.add_argument("--objective", choices=["pointwise", "sampled_softmax"], default="pointwise",
+                   help="pointwise: log loss of every row (CTR); sampled_softmax: clicks against uniform items of "
+                        "their domain (ranking)")
+    p.add_argument("--ranking-negatives", type=int, default=32, help="sampled items per click under sampled_softmax")
     p.add_argument("--mixed-precision", action="store_true", help="train with the mixed_float16 policy")
     p.add_argument("--jit-compile", action="store_true", help="compile the train step with XLA")
     p.add_argument("--history-length", type=int, default=F.DEFAULT_HISTORY_LENGTH, help="mixed-domain history length")
@@ -440,6 +446,10 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--max-users", type=int, help="leave-one-out: rank only the first N users' test cases (quick checks)")
     b.add_argument("--loo-negatives", type=int, default=4,
                    help="leave-one-out: uniform non-clicks per click of the train part (K != 4 in food-kitchen-loo-kK)")
+    b.add_argument("--loo-objective", choices=["pointwise", "sampled_softmax"], default="sampled_softmax",
+                   help="leave-one-out: the training objective (runs under pointwise are named model[objective=pointwise])")
+    b.add_argument("--ranking-negatives", type=int, default=32,
+                   help="leave-one-out under sampled_softmax: uniform items of the click's domain per click")
     b.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="config override for every model, e.g. inputs.item_buckets=262144 (runs are named model[...])")
     b.add_argument("--no-references", action="store_true",

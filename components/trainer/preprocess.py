@@ -51,6 +51,28 @@ def distinct_item_ids(files, contract: F.Contract, batch_size: int = 8192) -> np
     return np.array(sorted(seen), dtype=object)
 
 
+def domain_item_ids(files, contract: F.Contract, batch_size: int = 8192) -> dict:
+    """{domain: sorted distinct non-padding target item ids (bytes)} of gzip TFRecords, one entry
+    per contract domain (empty when a domain has no rows); targets of clicks and non-clicks alike."""
+    spec = contract.feature_spec()
+    spec = {name: spec[name] for name in (F.ITEM_ID, F.DOMAIN)}
+
+    def pairs(serialized):
+        raw = tf.io.parse_example(serialized, spec)
+        return tf.unique(tf.strings.join([raw[F.DOMAIN], raw[F.ITEM_ID]], separator="\x1f")).y
+
+    ds = tf.data.TFRecordDataset(sorted(files), compression_type="GZIP").batch(batch_size)
+    seen = set()
+    for batch in ds.map(pairs, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE):
+        seen.update(batch.numpy().tolist())
+    items = {domain: set() for domain in contract.domains}
+    for pair in seen:
+        domain, item = pair.split(b"\x1f", 1)
+        if item != F.PAD_ID and domain.decode() in items:
+            items[domain.decode()].add(item)
+    return {domain: np.array(sorted(ids), dtype=object) for domain, ids in items.items()}
+
+
 def auto_item_buckets(num_items: int, factor: int) -> int:
     """The smallest power of two >= factor * num_items + 1 (the padding row), at least 4."""
     if num_items < 0 or factor <= 0:
@@ -141,12 +163,13 @@ def in_validation(raw: dict, fraction: float) -> tf.Tensor:
 
 def dataset(file_pattern, config: InputConfig, batch_size: int, shuffle: bool = False, repeat: bool = False,
             seed: int = 0, only_domain: str = "", holdout: str = "all",
-            validation_fraction: float = 0.1) -> tf.data.Dataset:
+            validation_fraction: float = 0.1, clicks_only: bool = False) -> tf.data.Dataset:
     """Gzip TFRecords of tf.Examples -> (model inputs, label) batches.
 
     `only_domain` keeps only rows whose target domain it names (single-domain baselines).
     `holdout` "train" drops, and "validation" keeps only, the `validation_fraction` of rows chosen
-    by `in_validation`. Filtered batches are smaller than `batch_size`.
+    by `in_validation`. `clicks_only` keeps only rows labelled 1 (the sampled-softmax objective
+    draws its own negatives). Filtered batches are smaller than `batch_size`.
     """
     if holdout not in HOLDOUTS:
         raise ValueError(f"`holdout` must be one of {HOLDOUTS}. Received: holdout={holdout!r}")
@@ -170,8 +193,22 @@ def dataset(file_pattern, config: InputConfig, batch_size: int, shuffle: bool = 
         if holdout != "all":
             validation = in_validation(raw, validation_fraction)
             keep = tf.logical_and(keep, validation if holdout == "validation" else tf.logical_not(validation))
-        if only_domain or holdout != "all":
+        if clicks_only:
+            keep = tf.logical_and(keep, tf.equal(raw[F.LABEL], 1))
+        if only_domain or holdout != "all" or clicks_only:
             raw = {name: tf.boolean_mask(value, keep) for name, value in raw.items()}
         return to_model_inputs(raw, config), tf.cast(raw[F.LABEL], tf.float32)
 
-    return ds.map(split, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(split, num_parallel_calls=tf.data.AUTOTUNE)
+    if clicks_only:  # full batches of clicks again
+        ds = ds.unbatch().batch(batch_size)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def count_clicks(files, batch_size: int = 8192) -> int:
+    """Rows labelled 1 in gzip TFRecords (one tf.data pass that parses only the label)."""
+    spec = {F.LABEL: tf.io.FixedLenFeature([], tf.int64)}
+    ds = tf.data.TFRecordDataset(sorted(files), compression_type="GZIP").batch(batch_size)
+    counts = ds.map(lambda s: tf.reduce_sum(tf.cast(tf.equal(tf.io.parse_example(s, spec)[F.LABEL], 1), tf.int64)),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    return int(sum(int(c) for c in counts.as_numpy_iterator()))

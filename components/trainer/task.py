@@ -16,6 +16,7 @@ import logging
 import os
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 import models
@@ -24,6 +25,10 @@ from components.ingest import beam_pipeline
 from components.trainer import export, preprocess
 from models import config as config_lib
 from xdctr import features as F
+
+
+POINTWISE, SAMPLED_SOFTMAX = "pointwise", "sampled_softmax"
+OBJECTIVES = (POINTWISE, SAMPLED_SOFTMAX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +41,13 @@ class TrainingConfig:
         chosen by a hash of (user, item, ts), so the eval split stays untouched for the Evaluator.
       early_stopping_patience: epochs without a better validation loss before training stops
         (the best weights are restored); 0 disables early stopping.
+      objective: "pointwise" (binary cross-entropy of every row's label, the CTR task) or
+        "sampled_softmax" (a ranking objective for next-item protocols such as leave-one-out:
+        only click rows are read, each contrasted with `ranking_negatives` items drawn uniformly
+        from the train split's items of its domain; `models/base.py`). Early stopping watches
+        the validation loss of the objective trained. SyNCRec and RecGURU train their own
+        objectives and refuse "sampled_softmax".
+      ranking_negatives: sampled items per click under "sampled_softmax".
       mixed_precision: train with the `mixed_float16` policy (float32 variables and outputs).
       jit_compile: compile the train step with XLA.
     """
@@ -46,10 +58,16 @@ class TrainingConfig:
     seed: int = 0
     validation_fraction: float = 0.1
     early_stopping_patience: int = 2
+    objective: str = "pointwise"
+    ranking_negatives: int = 32
     mixed_precision: bool = False
     jit_compile: bool = False
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"`objective` must be one of {OBJECTIVES}. Received: objective={self.objective!r}")
+        if self.ranking_negatives <= 0:
+            raise ValueError(f"`ranking_negatives` must be positive. Received: {self.ranking_negatives}")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"`validation_fraction` must be in (0, 1). Received: {self.validation_fraction}")
         for name in ("batch_size", "epochs"):
@@ -122,6 +140,35 @@ def save_item_hashing(stats: dict, model_dir: str) -> str:
     return path
 
 
+def ranking_items(train_files, contract: F.Contract, input_config) -> list:
+    """Per contract domain, the distinct hashed indices of the train split's target items: the
+    pool the sampled-softmax objective draws negatives from (hash collisions merge items)."""
+    items = preprocess.domain_item_ids(tuple(train_files), contract)
+    pools = []
+    for domain in input_config.domains:
+        ids = list(items.get(domain, ()))
+        hashed = preprocess.hash_ids(tf.constant(ids, tf.string), input_config.item_buckets).numpy() if ids else []
+        pools.append(np.unique(hashed).astype(np.int32))
+    return pools
+
+
+def compile_model(model, training: TrainingConfig, train_files=(), contract: F.Contract = None,
+                  metrics: bool = True) -> None:
+    """Compiles `model` for `training.objective`; under "sampled_softmax" also sets the model's
+    sampler from `train_files` (the compiled loss is then unused and AUC, undefined on clicks
+    alone, is not tracked)."""
+    ranking = training.objective == SAMPLED_SOFTMAX
+    if ranking:
+        model.set_ranking_objective(ranking_items(train_files, contract, model.config.inputs),
+                                    training.ranking_negatives, seed=training.seed)
+    model.compile(
+        optimizer=keras.optimizers.Adam(training.learning_rate),
+        loss={F.SERVING_OUTPUT: keras.losses.BinaryCrossentropy()},
+        metrics={F.SERVING_OUTPUT: [keras.metrics.AUC(name="auc")]} if metrics and not ranking else None,
+        jit_compile=training.jit_compile,
+    )
+
+
 def distribution_strategy() -> tf.distribute.Strategy:
     """MirroredStrategy over all GPUs when there are several, else the default strategy."""
     gpus = tf.config.list_physical_devices("GPU")
@@ -180,17 +227,13 @@ def train_and_export(model_name: str, model_overrides: dict, contract: F.Contrac
         # Single-domain baselines name the one domain they are trained and validated on.
         only_domain = getattr(model_config, "domain", "")
         data = dict(config=model_config.inputs, batch_size=training.batch_size, only_domain=only_domain,
-                    validation_fraction=training.validation_fraction, repeat=True)
+                    validation_fraction=training.validation_fraction, repeat=True,
+                    clicks_only=training.objective == SAMPLED_SOFTMAX)
         train_ds = preprocess.dataset(train_files, shuffle=True, seed=training.seed, holdout="train", **data)
         validation_ds = preprocess.dataset(train_files, holdout="validation", **data)
         with distribution_strategy().scope():
             model = models.build(model_name, model_config)
-            model.compile(
-                optimizer=keras.optimizers.Adam(training.learning_rate),
-                loss={F.SERVING_OUTPUT: keras.losses.BinaryCrossentropy()},
-                metrics={F.SERVING_OUTPUT: [keras.metrics.AUC(name="auc")]},
-                jit_compile=training.jit_compile,
-            )
+            compile_model(model, training, train_files, contract)
         callbacks = [keras.callbacks.TensorBoard(log_dir=log_dir)]
         final_callbacks = []
         if training.early_stopping_patience:
@@ -199,6 +242,7 @@ def train_and_export(model_name: str, model_overrides: dict, contract: F.Contrac
         fit(model, train_ds.map(_with_label_dict), steps=train_steps, epochs=training.epochs,
             validation_data=validation_ds.map(_with_label_dict), validation_steps=max(1, validation_steps),
             callbacks=callbacks, final_callbacks=final_callbacks, verbose=2)
+        model.clear_ranking_objective()
     finally:
         keras.mixed_precision.set_global_policy("float32")
     export.export(model, model_config.inputs, serving_model_dir)

@@ -1,0 +1,154 @@
+"""The sampled-softmax ranking objective: sampler, logits, loss, and training through the Trainer."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import ops
+
+import models
+import models.base
+from components.ingest import beam_pipeline, generator
+from components.trainer import preprocess, task
+from xdctr import features as F
+
+INPUTS = {"inputs": {"domains": ["a", "b"], "item_buckets": 64, "history_length": 5, "domain_history_length": 3}}
+RANKING_MODELS = [name for name in models.names() if models.registry.model_class(name).supports_ranking_objective]
+
+
+def _inputs(config, items, domains):
+    x = models.base.dummy_inputs(config.inputs, batch=len(items))
+    x[F.ITEM_ID] = ops.convert_to_tensor(items, "int32")
+    x[F.DOMAIN] = ops.convert_to_tensor(domains, "int32")
+    x[F.HISTORY_ITEM_IDS] = ops.convert_to_tensor(np.tile([[0, 0, 3, 8, 9]], (len(items), 1)), "int32")
+    x[F.HISTORY_MASK] = ops.convert_to_tensor(np.tile([[False, False, True, True, True]], (len(items), 1)))
+    return x
+
+
+def test_the_models_without_the_objective_are_syncrec_and_recguru():
+    assert set(models.names()) - set(RANKING_MODELS) == {"syncrec", "recguru"}
+    for name in ("syncrec", "recguru"):
+        model = models.build(name, models.resolve_config(name, INPUTS))
+        with pytest.raises(ValueError, match="trains its own objective"):
+            model.set_ranking_objective([[1], [2]], 4)
+
+
+@pytest.mark.parametrize("name", RANKING_MODELS)
+def test_ranking_logits_are_the_candidate_then_the_sampled_items_of_its_domain(name):
+    config = models.resolve_config(name, INPUTS)
+    model = models.build(name, config)
+    items, domains = [1, 2, 5, 4], [0, 1, 0, 1]
+    x = _inputs(config, items, domains)
+    served = ops.convert_to_numpy(model(x, training=False)[F.SERVING_OUTPUT])
+    # One item per domain: every negative of a row is that item (5 in domain a, 7 in b).
+    model.set_ranking_objective([np.array([5]), np.array([7])], 6)
+    logits = ops.convert_to_numpy(model(x, training=False)[models.base.RANKING_LOGITS])
+    assert logits.shape == (4, 7)
+    context = model.encode_context(x, training=False)
+    np.testing.assert_allclose(logits[:, 0], ops.convert_to_numpy(model.score(context, x[F.ITEM_ID], x[F.DOMAIN])),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(1 / (1 + np.exp(-logits[:, 0])), served, rtol=1e-4, atol=1e-6)  # same model
+    negative = ops.convert_to_numpy(model.score(context, ops.convert_to_tensor([5, 7, 5, 7], "int32"), x[F.DOMAIN]))
+    for row in (0, 1, 3):
+        np.testing.assert_allclose(logits[row, 1:], np.full(6, negative[row]), rtol=1e-4, atol=1e-5)
+    # Row 2 clicked item 5 itself: a sampled 5 is not a negative.
+    np.testing.assert_array_equal(logits[2, 1:], np.full(6, models.base._MASKED_LOGIT, "float32"))
+    model.clear_ranking_objective()
+    assert set(model(x, training=False)) == {F.SERVING_OUTPUT}
+
+
+def test_sampler_draws_uniformly_from_the_rows_domain():
+    sampler = models.base._RankingSampler([np.array([3, 4, 5]), np.array([9]), np.array([], "int32")], 1000, seed=1)
+    items, present = sampler.sample(ops.convert_to_tensor([0, 1, 2], "int32"))
+    items, present = ops.convert_to_numpy(items), ops.convert_to_numpy(present)
+    assert present.tolist() == [True, True, False]
+    values, counts = np.unique(items[0], return_counts=True)
+    assert values.tolist() == [3, 4, 5]
+    assert np.all(np.abs(counts / 1000 - 1 / 3) < 0.06)  # 1000 draws: std of a share ~0.015
+    assert set(items[1].tolist()) == {9}
+    with pytest.raises(ValueError, match="every domain is empty"):
+        models.base._RankingSampler([[], []], 4, seed=0)
+    with pytest.raises(ValueError, match="negatives"):
+        models.base._RankingSampler([[1]], 0, seed=0)
+
+
+def test_sampled_softmax_loss_by_hand():
+    logits = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, models.base._MASKED_LOGIT], [1.0, 1.0, 3.0]], "float32")
+    labels = np.array([1.0, 0.0, 1.0], "float32")
+    expected = (np.log(np.exp(2.0) + 2.0) - 2.0 + np.log(2 * np.e + np.exp(3.0)) - 1.0) / 2  # non-click row ignored
+    assert float(models.base.sampled_softmax_loss(logits, labels)) == pytest.approx(expected, rel=1e-5)
+    # A masked negative adds nothing: the row is a softmax over the candidate and one item.
+    assert float(models.base.sampled_softmax_loss(logits[1:2], np.ones(1, "float32"))) == pytest.approx(
+        np.log(1 + np.e), rel=1e-5)
+    assert float(models.base.sampled_softmax_loss(logits, np.zeros(3, "float32"))) == 0.0
+
+
+def test_training_config_checks_the_objective():
+    with pytest.raises(ValueError, match="objective"):
+        task.TrainingConfig(objective="listwise")
+    with pytest.raises(ValueError, match="ranking_negatives"):
+        task.TrainingConfig(objective="sampled_softmax", ranking_negatives=0)
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ranking")
+    log = str(tmp / "log.jsonl")
+    generator.generate_file(generator.GeneratorConfig(num_users=60, items_per_domain=30, seed=3), log)
+    out = str(tmp / "examples")
+    beam_pipeline.run(beam_pipeline.IngestConfig(input_patterns=(log,), history_length=4, domain_history_length=3), out)
+    return out
+
+
+def _train_files(examples):
+    return sorted(tf.io.gfile.glob(os.path.join(examples, "Split-train", "*.gz")))
+
+
+def test_domain_items_clicks_only_and_click_count(examples):
+    contract = beam_pipeline.read_contract(examples)
+    files = _train_files(examples)
+    per_domain = preprocess.domain_item_ids(files, contract)
+    assert list(per_domain) == list(contract.domains)
+    everything = {bytes(i) for i in preprocess.distinct_item_ids(files, contract)}
+    union = set().union(*({bytes(i) for i in ids} for ids in per_domain.values()))
+    assert union <= everything and len(union) > 0.8 * len(everything)  # targets; histories repeat them
+    for domain, ids in per_domain.items():  # the generator names items "<domain>:i<k>"
+        assert all(i.startswith(domain.encode() + b":") for i in ids)
+    config = task.resolve_model_config("dnn_multi", {}, contract, train_files=files)
+    labels = [y.numpy() for _, y in preprocess.dataset(files, config.inputs, 32, clicks_only=True)]
+    assert all(len(batch) == 32 for batch in labels[:-1])  # full batches of clicks
+    everything_labels = np.concatenate([y.numpy() for _, y in preprocess.dataset(files, config.inputs, 64)])
+    assert np.all(np.concatenate(labels) == 1.0)
+    assert sum(len(b) for b in labels) == preprocess.count_clicks(files) == int(everything_labels.sum())
+    pools = task.ranking_items(files, contract, config.inputs)
+    assert [len(p) for p in pools] == [len(np.unique(preprocess.hash_ids(tf.constant(list(per_domain[d])),
+                                                                         config.inputs.item_buckets).numpy()))
+                                       for d in contract.domains]
+
+
+def test_trainer_trains_the_ranking_objective_and_exports_the_served_graph(examples, tmp_path):
+    contract = beam_pipeline.read_contract(examples)
+    training = task.TrainingConfig(batch_size=32, epochs=3, early_stopping_patience=0, learning_rate=0.01,
+                                   objective="sampled_softmax", ranking_negatives=8)
+    out = str(tmp_path / "model")
+    model = task.train_and_export("dnn_multi", {}, contract, _train_files(examples), serving_model_dir=out,
+                                  log_dir=str(tmp_path / "logs"), train_steps=90, validation_steps=2,
+                                  training=training)
+    history = model.history.history
+    assert set(history) == {"loss", "val_loss"}  # no AUC on clicks alone
+    # Untrained, the candidate is one of 9 near-equal logits: loss ~ log 9 = 2.20. The planted
+    # preferences make it learnable: the loss falls well below that, also on held-out clicks.
+    assert history["loss"][-1] < history["loss"][0] < np.log(9) - 0.3
+    assert min(history["val_loss"]) < np.log(9) - 0.5
+    assert model._ranking is None
+    loaded = tf.saved_model.load(out)
+    serialized = [r.numpy() for r in tf.data.TFRecordDataset(_train_files(examples), compression_type="GZIP").take(3)]
+    served = loaded.signatures[F.SERVING_SIGNATURE](**{F.SERVING_INPUT: tf.constant(serialized)})
+    assert set(served) == {F.SERVING_OUTPUT} and served[F.SERVING_OUTPUT].shape == (3,)
+    # The exported model scores as the trained Keras model does.
+    x = next(iter(preprocess.dataset(_train_files(examples), model.config.inputs, 3)))[0]
+    np.testing.assert_allclose(served[F.SERVING_OUTPUT].numpy(),
+                               keras.ops.convert_to_numpy(model(x, training=False)[F.SERVING_OUTPUT]), rtol=1e-4,
+                               atol=1e-6)
