@@ -36,6 +36,7 @@ import numpy as np
 
 from benchmarks import train
 from components.evaluation import ranking
+from components.trainer import task
 
 SETS = ("generated", "food-kitchen", "five-domains", "food-kitchen-loo")
 REAL_SETS = {"food-kitchen": "amazon-food-kitchen", "five-domains": "amazon-five-domains"}
@@ -73,8 +74,8 @@ def prepare_real(workdir: str, set_name: str) -> str:
 
 
 LOO_NEGATIVES = 4  # uniform non-clicks per click of the leave-one-out train part
-LOO_OBJECTIVE = "sampled_softmax"  # a ranking protocol: train for ranking (`task.TrainingConfig.objective`)
-RANKING_NEGATIVES = 32
+LOO_OBJECTIVE = task.SAMPLED_SOFTMAX  # a ranking protocol: train for ranking
+RANKING_NEGATIVES = task.TrainingConfig.ranking_negatives
 
 
 def loo_dir(workdir: str, negatives: int = LOO_NEGATIVES) -> str:

@@ -116,7 +116,7 @@ def _with_label_dict(inputs, label):
 def train_model(name: str, overrides: dict, contract: F.Contract, train_files: Sequence[str], train_rows: int, *,
                 seed: int, epochs: int, batch_size: int = 256, patience: int = 1, validation_fraction: float = 0.1,
                 learning_rate: float = 1e-3, callbacks=(), objective: str = task.POINTWISE,
-                ranking_negatives: int = 32) -> tuple:
+                ranking_negatives: int = task.TrainingConfig.ranking_negatives) -> tuple:
     """Trains registered model `name` as the Trainer does, with early stopping on the holdout.
 
     `train_rows` is the number of rows in `train_files` (one epoch = train_rows // batch_size
