@@ -4,7 +4,7 @@
     model = models.build("mean_pool_dnn", {"embedding_dim": 32})
 """
 
-from models import baseline, baselines, bilinear, dacdr, dasl, man, recguru, syncrec  # noqa: F401  (registers their models)
+from models import baseline, baselines, bilinear, dacdr, dasl, man, recguru, sasrec, syncrec  # noqa: F401  (registers their models)
 from models.registry import build, default_config, names, resolve_config
 
 __all__ = ["build", "default_config", "names", "resolve_config"]

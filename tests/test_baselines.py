@@ -1,4 +1,4 @@
-"""The honest baselines (models/baselines.py, models/bilinear.py) and the DIN target attention layer."""
+"""The honest baselines (models/baselines.py, models/bilinear.py, models/sasrec.py) and the DIN target attention layer."""
 
 import keras
 import numpy as np
@@ -14,12 +14,13 @@ from models import config as config_lib
 from models.layers.target_attention import TargetAttention
 from xdctr import features as F
 
-NAMES = ["single_domain_dnn", "single_domain_din", "dnn_multi", "shared_bottom", "bilinear_recency"]
+NAMES = ["single_domain_dnn", "single_domain_din", "dnn_multi", "shared_bottom", "bilinear_recency", "sasrec"]
 SINGLE_DOMAIN = ["single_domain_dnn", "single_domain_din"]
-# Every model, plus the DIN's softmax ablation and the bilinear model's time-gap recency.
+# Every model, plus the DIN's softmax ablation, the bilinear model's time-gap recency and SASRec's item bias.
 VARIANTS = [(name, {}) for name in NAMES] + [("single_domain_din", {"softmax": True}),
-                                             ("bilinear_recency", {"recency": "time_gap"})]
-VARIANT_IDS = NAMES + ["single_domain_din-softmax", "bilinear_recency-time_gap"]
+                                             ("bilinear_recency", {"recency": "time_gap"}),
+                                             ("sasrec", {"item_bias": True})]
+VARIANT_IDS = NAMES + ["single_domain_din-softmax", "bilinear_recency-time_gap", "sasrec-item_bias"]
 HISTORY, DOMAIN_HISTORY, BUCKETS, BATCH = 4, 3, 50, 8
 
 
@@ -30,6 +31,7 @@ def _config(name, domains=("a", "b"), **overrides):
         "dnn_multi": {"embedding_dim": 4, "domain_embedding_dim": 2, "hidden_units": [8]},
         "shared_bottom": {"embedding_dim": 4, "domain_embedding_dim": 2, "bottom_units": [8], "tower_units": [4]},
         "bilinear_recency": {"embedding_dim": 4},
+        "sasrec": {"embedding_dim": 4, "num_layers": 1, "num_heads": 2},
     }[name]
     small.update(overrides)
     small["inputs"] = {"domains": list(domains), "history_length": HISTORY,
