@@ -30,7 +30,8 @@ class SASRecConfig:
       embedding_dim: width d of the item and position embeddings and of the encoder.
       num_layers: self-attention blocks (the paper's b; 2 in its experiments).
       num_heads: attention heads; must divide `embedding_dim` (the paper uses 1).
-      dropout: rate of the embedding, attention, FFN and residual dropouts.
+      dropout: rate of the embedding, attention, FFN and residual dropouts (0.1: the best of 0.1,
+        0.2 and 0.5 on food-kitchen leave-one-out, one seed; 0.5 cost 0.06 HR@10 there).
       item_bias: add a learned per-item bias to the dot product (not in the paper, which scores
         with the dot product alone; off by default).
     """
@@ -39,7 +40,7 @@ class SASRecConfig:
     embedding_dim: int = 64
     num_layers: int = 2
     num_heads: int = 1
-    dropout: float = 0.2
+    dropout: float = 0.1
     item_bias: bool = False
 
 
