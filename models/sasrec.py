@@ -1,10 +1,10 @@
 """`sasrec`: SASRec (Kang & McAuley, ICDM 2018) on the mixed-domain history, a single-sequence baseline.
 
-The sequential baseline every cross-domain sequential paper compares against (ABXI's tables on
-the same Amazon food-kitchen set list it): one causal self-attention encoder over the user's
-clicks of every domain in time order, the latest step's output scored against the candidate's
-embedding in the same item table. It knows nothing of domains beyond what the item ids carry,
-so a cross-domain model that does not beat it has not shown its transfer.
+The usual single-sequence baseline of cross-domain sequential recommendation: one causal
+self-attention encoder over the user's clicks of every domain in time order, the latest step's
+output scored against the candidate's embedding in the same item table. It knows nothing of
+domains beyond what the item ids carry, so a cross-domain model that does not beat it has not
+shown its transfer.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ class SASRec(_ConfiguredModel):
     With E the item table (item_buckets, d), P a learned position table (L, d) and the mixed
     history h_1..h_L (left-padded, chronological, mask m_j):
 
-        x_j = (sqrt(d) E[h_j] + P_j) m_j                       (eq. 1; sqrt(d) as in the authors' code)
+        x_j = (sqrt(d) E[h_j] + P_j) m_j                       (item + position; sqrt(d) as in the authors' code)
         F = SASRecEncoder(x, m)                                (b pre-norm blocks, causal, final LN)
-        logit = F_L . E[t]  (+ b_item[t] with item_bias)       (sec. III-E: the shared item table)
+        logit = F_L . E[t]  (+ b_item[t] with item_bias)       (the paper's shared item embedding)
         ctr = sigmoid(logit)
 
     Choices where the paper is not about this setting: the paper trains every position of the
