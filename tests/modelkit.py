@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from components.ingest import sequences
+from components.ingest import beam_pipeline, generator, sequences
 from components.trainer import preprocess
 from xdctr import features as F
 
@@ -25,3 +25,13 @@ def labels(rows):
 
 def served_ctr(model, inputs):
     return to_numpy(model(inputs)[F.SERVING_OUTPUT])
+
+
+def generated_examples(directory, *, num_users, items_per_domain, seed):
+    """A generated log ingested (history 4, per-domain history 3) under `directory`; returns the examples dir."""
+    log = str(directory / "log.jsonl")
+    generator.generate_file(generator.GeneratorConfig(num_users=num_users, items_per_domain=items_per_domain,
+                                                      seed=seed), log)
+    out = str(directory / "examples")
+    beam_pipeline.run(beam_pipeline.IngestConfig(input_patterns=(log,), history_length=4, domain_history_length=3), out)
+    return out

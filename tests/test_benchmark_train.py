@@ -6,6 +6,8 @@ import pytest
 
 from benchmarks import train
 
+import modelkit
+
 SLICES = ["overall", "domain=a", "cold_start"]
 
 
@@ -43,15 +45,7 @@ def test_markdown_table_cells():
 
 @pytest.fixture(scope="module")
 def tiny_examples(tmp_path_factory):
-    from components.ingest import beam_pipeline, generator
-
-    tmp = tmp_path_factory.mktemp("bench")
-    log = str(tmp / "log.jsonl")
-    generator.generate_file(generator.GeneratorConfig(num_users=80, items_per_domain=40, seed=3), log)
-    examples = str(tmp / "examples")
-    beam_pipeline.run(beam_pipeline.IngestConfig(input_patterns=(log,), history_length=4, domain_history_length=3),
-                      examples)
-    return examples
+    return modelkit.generated_examples(tmp_path_factory.mktemp("bench"), num_users=80, items_per_domain=40, seed=3)
 
 
 def test_train_model_stops_early_at_the_best_epoch(tiny_examples):

@@ -10,9 +10,11 @@ from keras import ops
 
 import models
 import models.base
-from components.ingest import beam_pipeline, generator
+from components.ingest import beam_pipeline
 from components.trainer import preprocess, task
 from xdctr import features as F
+
+import modelkit
 
 INPUTS = {"inputs": {"domains": ["a", "b"], "item_buckets": 64, "history_length": 5, "domain_history_length": 3}}
 RANKING_MODELS = [name for name in models.names() if models.registry.model_class(name).supports_ranking_objective]
@@ -94,12 +96,7 @@ def test_training_config_checks_the_objective():
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ranking")
-    log = str(tmp / "log.jsonl")
-    generator.generate_file(generator.GeneratorConfig(num_users=60, items_per_domain=30, seed=3), log)
-    out = str(tmp / "examples")
-    beam_pipeline.run(beam_pipeline.IngestConfig(input_patterns=(log,), history_length=4, domain_history_length=3), out)
-    return out
+    return modelkit.generated_examples(tmp_path_factory.mktemp("ranking"), num_users=60, items_per_domain=30, seed=3)
 
 
 def _train_files(examples):

@@ -10,9 +10,11 @@ import pytest
 import tensorflow as tf
 
 import models
-from components.ingest import beam_pipeline, generator
+from components.ingest import beam_pipeline
 from components.trainer import preprocess, task
 from xdctr import features as F
+
+import modelkit
 
 SMALL_INPUTS = {"inputs": {"item_buckets": 256, "user_buckets": 256}}
 # Shrunken configs where the default graph is large (tracing it dominates the test's time); the
@@ -23,12 +25,7 @@ SMALL_MODELS = {"syncrec": {"num_experts": 2}, "recguru": {"critic_iters": 1, "c
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("trainer")
-    log = str(tmp / "log.jsonl")
-    generator.generate_file(generator.GeneratorConfig(num_users=40, items_per_domain=30, seed=5), log)
-    out = str(tmp / "examples")
-    beam_pipeline.run(beam_pipeline.IngestConfig(input_patterns=(log,), history_length=4, domain_history_length=3), out)
-    return out
+    return modelkit.generated_examples(tmp_path_factory.mktemp("trainer"), num_users=40, items_per_domain=30, seed=5)
 
 
 def _files(examples, split):
