@@ -149,3 +149,20 @@ def test_trainer_trains_the_ranking_objective_and_exports_the_served_graph(examp
     np.testing.assert_allclose(served[F.SERVING_OUTPUT].numpy(),
                                keras.ops.convert_to_numpy(model(x, training=False)[F.SERVING_OUTPUT]), rtol=1e-4,
                                atol=1e-6)
+
+
+def test_cli_flags_match_the_training_config():
+    # The CLI spells the objectives and the default negatives itself (it does not import the
+    # Trainer, and TensorFlow with it, to build its parser): they must stay task.py's.
+    from xdctr import cli
+
+    parser = cli.build_parser()
+    run = parser.parse_args(["pipeline", "run", "--input", "x.jsonl"])
+    assert (run.objective, run.ranking_negatives) == (task.TrainingConfig.objective, task.TrainingConfig.ranking_negatives)
+    quality = parser.parse_args(["benchmark", "quality"])
+    assert (quality.loo_objective, quality.ranking_negatives) == (task.SAMPLED_SOFTMAX, task.TrainingConfig.ranking_negatives)
+    for objective in task.OBJECTIVES:
+        assert parser.parse_args(["pipeline", "run", "--input", "x", "--objective", objective]).objective == objective
+        assert parser.parse_args(["benchmark", "quality", "--loo-objective", objective]).loo_objective == objective
+    with pytest.raises(cli.UsageError, match="invalid choice: 'listwise'"):
+        parser.parse_args(["pipeline", "run", "--input", "x", "--objective", "listwise"])
