@@ -124,13 +124,14 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
     {"epochs_run", "best_epoch", "val_loss", "item_hashing"}). Item buckets are sized from
     `train_files` as the Trainer sizes them (`task.resolve_model_config`) unless `overrides` name a
     number; "item_hashing" holds `task.item_hashing`'s collision stats for the size used.
-    `objective` and `ranking_negatives` as in `task.TrainingConfig`; under "sampled_softmax" only
-    click rows are read, and an epoch passes once over the clicks (counted here).
+    `objective` and `ranking_negatives` as in `task.TrainingConfig`; under a ranking objective
+    ("sampled_softmax", "full_softmax") only click rows are read, and an epoch passes once over
+    the clicks (counted here).
     """
     training = task.TrainingConfig(batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                                    validation_fraction=validation_fraction, objective=objective,
                                    ranking_negatives=ranking_negatives)
-    ranking = objective == task.SAMPLED_SOFTMAX
+    ranking = objective in task.RANKING_OBJECTIVES
     keras.utils.set_random_seed(seed)
     config = task.resolve_model_config(name, overrides, contract, train_files=train_files)
     hashing = task.item_hashing(train_files, contract, config.inputs.item_buckets)
@@ -156,7 +157,9 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
     info = {"epochs_run": len(val_loss), "best_epoch": int(np.argmin(val_loss)) + 1 if val_loss else None,
             "val_loss": [round(v, 6) for v in val_loss], "item_hashing": hashing, "objective": objective}
     if ranking:
-        info.update(ranking_negatives=ranking_negatives, train_clicks=train_rows)
+        info.update(train_clicks=train_rows)
+    if objective == task.SAMPLED_SOFTMAX:
+        info.update(ranking_negatives=ranking_negatives)
     return model, config, info
 
 

@@ -20,6 +20,11 @@ Two training objectives (`TrainingConfig.objective`, set by the Trainer):
     negatives with it, so any model built on `encode_context`/`score` supports it. A sampled
     item equal to the click is not a negative (its logit is masked). The served output stays
     sigmoid(logit): a ranking score, not a calibrated click probability, under this objective.
+  full_softmax: the same loss with every distinct train item of the click's domain as a negative
+    (no sampling: the exact softmax over the domain's catalogue, as the leave-one-out protocol's
+    ranking is within the domain). Scoring every row against ~10^4 items through `score` would
+    repeat the context per item, so only models with a batched scorer (`score_items`, e.g. a dot
+    product with an item table: one matrix product per batch) support it; the others refuse it.
 """
 
 from __future__ import annotations
@@ -76,6 +81,17 @@ class _RankingSampler:
         return ops.take(self.items, ops.minimum(flat, ops.shape(self.items)[0] - 1)), counts > 0
 
 
+class _DomainCatalogue:
+    """Every item of every domain, flat, with each item's domain index (for the full softmax)."""
+
+    def __init__(self, domain_items):
+        counts = [len(items) for items in domain_items]
+        if not any(counts):
+            raise ValueError("the full-softmax objective needs items in at least one domain; every domain is empty")
+        self.items = ops.convert_to_tensor([int(i) for items in domain_items for i in items], dtype="int32")  # (V,)
+        self.domains = ops.convert_to_tensor([d for d, n in enumerate(counts) for _ in range(n)], dtype="int32")  # (V,)
+
+
 def dummy_inputs(input_config: InputConfig, batch: int = 1) -> dict:
     """All-padding model inputs of the right shapes, to build a model's weights."""
     length, num_domains, ld = input_config.history_length, input_config.num_domains, input_config.domain_history_length
@@ -107,19 +123,31 @@ class CTRModel(keras.Model):
     supports_ranking_objective = True  # False for models whose own objective replaces the CTR loss
     _ranking = None
 
-    def set_ranking_objective(self, domain_items, negatives: int, seed: int = 0) -> None:
-        """Trains with the sampled-softmax objective (module docstring) until `clear_ranking_objective`.
+    @property
+    def supports_full_softmax(self) -> bool:
+        """Whether the model has a batched scorer (`score_items` overridden) for the full softmax."""
+        return self.supports_ranking_objective and type(self).score_items is not CTRModel.score_items
+
+    def set_ranking_objective(self, domain_items, negatives: int = None, seed: int = 0) -> None:
+        """Trains with a ranking objective (module docstring) until `clear_ranking_objective`:
+        the sampled softmax over `negatives` uniform items of the click's domain, or with
+        `negatives=None` the full softmax over all of `domain_items` of the click's domain.
 
         `domain_items`: one sequence of item indices (hashed, as the model sees them) per domain,
         in the config's domain order: the items negatives are drawn from.
         """
         if not self.supports_ranking_objective:
-            raise ValueError(f"{type(self).__name__} trains its own objective; the sampled-softmax objective is not "
+            raise ValueError(f"{type(self).__name__} trains its own objective; the ranking objectives are not "
                              "available for it (use objective=pointwise)")
+        if negatives is None and not self.supports_full_softmax:
+            raise ValueError(f"{type(self).__name__} has no batched scorer (`score_items`) for the full-softmax "
+                             "objective: scoring every item through `score` would repeat each row's context per item "
+                             "(use objective=sampled_softmax)")
         if len(domain_items) != self.config.inputs.num_domains:
             raise ValueError(f"`domain_items` must have one entry per domain ({self.config.inputs.num_domains}). "
                              f"Received: {len(domain_items)}")
-        self._ranking = _RankingSampler(domain_items, negatives, seed)
+        self._ranking = _DomainCatalogue(domain_items) if negatives is None else _RankingSampler(domain_items, negatives,
+                                                                                                 seed)
         self.train_function = self.test_function = None  # the steps change: make `fit` retrace them
 
     def clear_ranking_objective(self) -> None:
@@ -132,10 +160,18 @@ class CTRModel(keras.Model):
 
         The context is repeated N times per row (row-major, matching the (B, N) negatives).
         Negatives equal to the candidate, and all of them for a domain without items, get
-        `_MASKED_LOGIT`.
+        `_MASKED_LOGIT`. Under the full softmax N is the whole catalogue (V items, every
+        domain), scored once per batch by `score_items`; items of other domains and the candidate
+        itself get `_MASKED_LOGIT`.
         """
         sampler = self._ranking
         item, domain = inputs[F.ITEM_ID], ops.cast(inputs[F.DOMAIN], "int32")
+        if isinstance(sampler, _DomainCatalogue):
+            all_logits = ops.cast(self.score_items(context, sampler.items, sampler.domains, training=training), "float32")  # (B, V)
+            real = ops.logical_and(ops.expand_dims(sampler.domains, 0) == ops.expand_dims(domain, -1),
+                                   ops.expand_dims(sampler.items, 0) != ops.expand_dims(ops.cast(item, "int32"), -1))
+            all_logits = ops.where(real, all_logits, _MASKED_LOGIT)
+            return ops.concatenate([ops.expand_dims(ops.cast(logits, "float32"), -1), all_logits], axis=-1)
         negatives, present = sampler.sample(domain)  # (B, N), (B,)
         n = sampler.negatives
         tiled = {name: ops.repeat(value, n, axis=0) for name, value in context.items()}
@@ -153,6 +189,13 @@ class CTRModel(keras.Model):
     def score(self, context: dict, item, domain, training=False):
         """Logits (B,) of `item` (B,) in `domain` (B,) given `context` from `encode_context`."""
         raise NotImplementedError
+
+    def score_items(self, context: dict, items, domains, training=False):
+        """Logits (B, N) of every row's context against the same N `items` (N,) of `domains` (N,):
+        models whose score is cheap to batch (a dot product with an item table) override this; it
+        enables the full-softmax objective. Must equal `score(context, items[n], domains[n])` for
+        every row and item."""
+        raise NotImplementedError(f"{type(self).__name__} has no batched scorer")
 
     def auxiliary_losses(self, inputs, outputs, training=False) -> dict:
         """Named scalar losses added to the CTR loss during training (none by default)."""

@@ -59,7 +59,8 @@ class BilinearRecency(_ConfiguredModel):
     generated logs' shared taste rewards). Any D >= 1.
 
     encode_context gives q = M u (batch, dim), so score is one dot product and two lookups per
-    candidate.
+    candidate, and `score_items` one matrix product for a batch against N items (the
+    full-softmax objective).
 
     Inputs: see `models.base.CTRModel`; uses ITEM_ID, DOMAIN, HISTORY_ITEM_IDS, HISTORY_MASK and,
     with recency="time_gap", HISTORY_TIME_GAPS.
@@ -97,3 +98,8 @@ class BilinearRecency(_ConfiguredModel):
         target = self.item_embedding(item)  # (batch, dim)
         bias = self.item_bias(item) + self.domain_bias(domain)  # (batch, 1)
         return ops.sum(target * context["query"], axis=-1) + ops.squeeze(bias, -1)  # (batch,)
+
+    def score_items(self, context, items, domains, training=False):
+        targets = self.item_embedding(items)  # (N, dim)
+        bias = ops.squeeze(self.item_bias(items) + self.domain_bias(domains), -1)  # (N,)
+        return ops.matmul(context["query"], ops.transpose(ops.cast(targets, context["query"].dtype))) + bias  # (batch, N)

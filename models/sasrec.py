@@ -66,7 +66,8 @@ class SASRec(_ConfiguredModel):
     click (P_L is always the latest), as the history is left-padded. The target's domain is not
     read: items carry their domain, and the table is shared by all domains.
 
-    encode_context gives F_L (batch, d); score is one lookup and one dot product per candidate.
+    encode_context gives F_L (batch, d); score is one lookup and one dot product per candidate,
+    and `score_items` one matrix product for a batch against N items (the full-softmax objective).
 
     Inputs: see `models.base.CTRModel`; uses ITEM_ID, HISTORY_ITEM_IDS and HISTORY_MASK.
     """
@@ -105,3 +106,10 @@ class SASRec(_ConfiguredModel):
         if self.item_bias is not None:
             logit = logit + ops.squeeze(self.item_bias(item), -1)
         return logit
+
+    def score_items(self, context, items, domains, training=False):
+        state = context["state"]  # (batch, d)
+        logits = ops.matmul(state, ops.transpose(ops.cast(self.item_embedding(items), state.dtype)))  # (batch, N)
+        if self.item_bias is not None:
+            logits = logits + ops.squeeze(self.item_bias(items), -1)
+        return logits

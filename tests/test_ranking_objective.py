@@ -1,4 +1,4 @@
-"""The sampled-softmax ranking objective: sampler, logits, loss, and training through the Trainer."""
+"""The ranking objectives (sampled and full softmax): sampler, logits, loss, and training through the Trainer."""
 
 import os
 
@@ -18,6 +18,8 @@ import modelkit
 
 INPUTS = {"inputs": {"domains": ["a", "b"], "item_buckets": 64, "history_length": 5, "domain_history_length": 3}}
 RANKING_MODELS = [name for name in models.names() if models.registry.model_class(name).supports_ranking_objective]
+FULL_SOFTMAX_MODELS = [name for name in models.names() if models.build(name, models.resolve_config(name, INPUTS))
+                       .supports_full_softmax]
 
 
 def _inputs(config, items, domains):
@@ -57,6 +59,61 @@ def test_ranking_logits_are_the_candidate_then_the_sampled_items_of_its_domain(n
         np.testing.assert_allclose(logits[row, 1:], np.full(6, negative[row]), rtol=1e-4, atol=1e-5)
     # Row 2 clicked item 5 itself: a sampled 5 is not a negative.
     np.testing.assert_array_equal(logits[2, 1:], np.full(6, models.base._MASKED_LOGIT, "float32"))
+    model.clear_ranking_objective()
+    assert set(model(x, training=False)) == {F.SERVING_OUTPUT}
+
+
+def test_the_models_with_a_batched_scorer_are_sasrec_and_bilinear_recency():
+    assert set(FULL_SOFTMAX_MODELS) == {"sasrec", "bilinear_recency"}
+    for name in set(RANKING_MODELS) - set(FULL_SOFTMAX_MODELS):
+        model = models.build(name, models.resolve_config(name, INPUTS))
+        with pytest.raises(ValueError, match="no batched scorer"):
+            model.set_ranking_objective([[1], [2]], None)
+
+
+@pytest.mark.parametrize("name", FULL_SOFTMAX_MODELS)
+def test_score_items_is_score_of_every_row_and_item(name):
+    config = models.resolve_config(name, INPUTS)
+    model = models.build(name, config)
+    x = _inputs(config, [1, 2, 5], [0, 1, 0])
+    x[F.HISTORY_ITEM_IDS] = ops.convert_to_tensor([[0, 0, 3, 8, 9], [0, 4, 4, 1, 2], [0, 0, 0, 0, 7]], "int32")
+    x[F.HISTORY_MASK] = ops.convert_to_tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1], [0, 0, 0, 0, 1]], "bool")
+    model(x, training=False)  # builds the weights
+    for weight in model.weights:  # away from the initial zeros/identity, so that biases and M count
+        weight.assign(weight + np.random.default_rng(0).normal(0, 0.3, weight.shape).astype("float32"))
+    context = model.encode_context(x, training=False)
+    items, domains = np.array([3, 11, 5, 60], "int32"), np.array([0, 1, 1, 0], "int32")
+    batched = ops.convert_to_numpy(model.score_items(context, ops.convert_to_tensor(items), ops.convert_to_tensor(domains)))
+    assert batched.shape == (3, 4)
+    for n in range(4):
+        one = model.score(context, ops.convert_to_tensor(np.full(3, items[n])), ops.convert_to_tensor(np.full(3, domains[n])))
+        np.testing.assert_allclose(batched[:, n], ops.convert_to_numpy(one), rtol=1e-4, atol=1e-5)
+    assert np.std(batched) > 0.01  # the rows and items do differ
+
+
+@pytest.mark.parametrize("name", FULL_SOFTMAX_MODELS)
+def test_full_softmax_logits_are_the_candidate_then_every_item_of_its_domain(name):
+    config = models.resolve_config(name, INPUTS)
+    model = models.build(name, config)
+    x = _inputs(config, [1, 6, 9], [0, 1, 1])
+    catalogue = [np.array([1, 2, 3]), np.array([6, 7])]  # domain a: 1, 2, 3; domain b: 6, 7
+    model.set_ranking_objective(catalogue, None)
+    logits = ops.convert_to_numpy(model(x, training=False)[models.base.RANKING_LOGITS])
+    assert logits.shape == (3, 1 + 5)
+    context = model.encode_context(x, training=False)
+    everything = ops.convert_to_numpy(model.score_items(context, ops.convert_to_tensor([1, 2, 3, 6, 7], "int32"),
+                                                        ops.convert_to_tensor([0, 0, 0, 1, 1], "int32")))
+    masked = models.base._MASKED_LOGIT
+    # Row 0 clicked 1 in a: its negatives are 2 and 3. Row 1 clicked 6 in b: 7. Row 2 clicked 9 in
+    # b (not in the catalogue): 6 and 7.
+    kept = [[False, True, True, False, False], [False, False, False, False, True], [False, False, False, True, True]]
+    np.testing.assert_allclose(logits[:, 1:], np.where(kept, everything, masked), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logits[:, 0], ops.convert_to_numpy(model.score(context, x[F.ITEM_ID], x[F.DOMAIN])),
+                               rtol=1e-4, atol=1e-5)
+    loss = float(models.base.sampled_softmax_loss(logits, np.ones(3, "float32")))
+    by_hand = np.mean([np.log(np.exp(logits[r, 0]) + np.exp(everything[r][np.array(kept[r])]).sum()) - logits[r, 0]
+                       for r in range(3)])
+    assert loss == pytest.approx(by_hand, rel=1e-4)
     model.clear_ranking_objective()
     assert set(model(x, training=False)) == {F.SERVING_OUTPUT}
 
@@ -149,6 +206,27 @@ def test_trainer_trains_the_ranking_objective_and_exports_the_served_graph(examp
     np.testing.assert_allclose(served[F.SERVING_OUTPUT].numpy(),
                                keras.ops.convert_to_numpy(model(x, training=False)[F.SERVING_OUTPUT]), rtol=1e-4,
                                atol=1e-6)
+
+
+def test_trainer_trains_the_full_softmax(examples, tmp_path):
+    contract = beam_pipeline.read_contract(examples)
+    files = _train_files(examples)
+    training = task.TrainingConfig(batch_size=32, epochs=3, early_stopping_patience=0, learning_rate=0.01,
+                                   objective="full_softmax")
+    model = task.train_and_export("sasrec", {}, contract, files, serving_model_dir=str(tmp_path / "model"),
+                                  log_dir=str(tmp_path / "logs"), train_steps=90, validation_steps=2, training=training)
+    history = model.history.history
+    assert set(history) == {"loss", "val_loss"}
+    # Untrained, the click is one of its domain's ~30 items (the candidate plus the others):
+    # loss ~ log 30 = 3.4. The planted preferences make it learnable.
+    smallest = min(len(p) for p in task.ranking_items(files, contract, model.config.inputs))
+    assert smallest >= 20
+    assert history["loss"][-1] < history["loss"][0]
+    assert min(history["val_loss"]) < np.log(smallest) - 0.5
+    assert model._ranking is None
+    with pytest.raises(ValueError, match="no batched scorer"):
+        task.train_and_export("dnn_multi", {}, contract, files, serving_model_dir=str(tmp_path / "dnn"),
+                              log_dir=str(tmp_path / "dnn-logs"), train_steps=2, validation_steps=1, training=training)
 
 
 def test_cli_flags_match_the_training_config():

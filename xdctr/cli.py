@@ -274,9 +274,10 @@ def _add_pipeline_flags(p, root_default: str):
     p.add_argument("--batch-size", type=int, default=256, help="training batch size")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--early-stopping-patience", type=int, default=2, help="0 disables early stopping")
-    p.add_argument("--objective", choices=["pointwise", "sampled_softmax"], default="pointwise",
+    p.add_argument("--objective", choices=["pointwise", "sampled_softmax", "full_softmax"], default="pointwise",
                    help="pointwise: log loss of every row (CTR); sampled_softmax: clicks against uniform items of "
-                        "their domain (ranking)")
+                        "their domain (ranking); full_softmax: clicks against every item of their domain (sasrec, "
+                        "bilinear_recency)")
     p.add_argument("--ranking-negatives", type=int, default=32, help="sampled items per click under sampled_softmax")
     p.add_argument("--mixed-precision", action="store_true", help="train with the mixed_float16 policy")
     p.add_argument("--jit-compile", action="store_true", help="compile the train step with XLA")
@@ -446,7 +447,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--max-users", type=int, help="leave-one-out: rank only the first N users' test cases (quick checks)")
     b.add_argument("--loo-negatives", type=int, default=4,
                    help="leave-one-out: uniform non-clicks per click of the train part (K != 4 in food-kitchen-loo-kK)")
-    b.add_argument("--loo-objective", choices=["pointwise", "sampled_softmax"], default="sampled_softmax",
+    b.add_argument("--loo-objective", choices=["pointwise", "sampled_softmax", "full_softmax"],
+                   default="sampled_softmax",
                    help="leave-one-out: the training objective (runs under pointwise are named model[objective=pointwise])")
     b.add_argument("--ranking-negatives", type=int, default=32,
                    help="leave-one-out under sampled_softmax: uniform items of the click's domain per click")

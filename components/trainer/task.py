@@ -27,8 +27,9 @@ from models import config as config_lib
 from xdctr import features as F
 
 
-POINTWISE, SAMPLED_SOFTMAX = "pointwise", "sampled_softmax"
-OBJECTIVES = (POINTWISE, SAMPLED_SOFTMAX)
+POINTWISE, SAMPLED_SOFTMAX, FULL_SOFTMAX = "pointwise", "sampled_softmax", "full_softmax"
+OBJECTIVES = (POINTWISE, SAMPLED_SOFTMAX, FULL_SOFTMAX)
+RANKING_OBJECTIVES = (SAMPLED_SOFTMAX, FULL_SOFTMAX)  # read click rows only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +47,10 @@ class TrainingConfig:
         only click rows are read, each contrasted with `ranking_negatives` items drawn uniformly
         from the train split's items of its domain; `models/base.py`). Early stopping watches
         the validation loss of the objective trained. SyNCRec and RecGURU train their own
-        objectives and refuse "sampled_softmax".
-      ranking_negatives: sampled items per click under "sampled_softmax".
+        objectives and refuse "sampled_softmax"), or "full_softmax" (the same with every train
+        item of the click's domain as a negative, no sampling; for models with a batched scorer,
+        `CTRModel.score_items`: sasrec and bilinear_recency; the others refuse it).
+      ranking_negatives: sampled items per click under "sampled_softmax" (unused otherwise).
       mixed_precision: train with the `mixed_float16` policy (float32 variables and outputs).
       jit_compile: compile the train step with XLA.
     """
@@ -142,7 +145,8 @@ def save_item_hashing(stats: dict, model_dir: str) -> str:
 
 def ranking_items(train_files, contract: F.Contract, input_config) -> list:
     """Per contract domain, the distinct hashed indices of the train split's target items: the
-    pool the sampled-softmax objective draws negatives from (hash collisions merge items)."""
+    pool the sampled-softmax objective draws negatives from, and the full softmax's catalogue
+    (hash collisions merge items)."""
     items = preprocess.domain_item_ids(tuple(train_files), contract)
     pools = []
     for domain in input_config.domains:
@@ -154,13 +158,14 @@ def ranking_items(train_files, contract: F.Contract, input_config) -> list:
 
 def compile_model(model, training: TrainingConfig, train_files=(), contract: F.Contract = None,
                   metrics: bool = True) -> None:
-    """Compiles `model` for `training.objective`; under "sampled_softmax" also sets the model's
-    sampler from `train_files` (the compiled loss is then unused and AUC, undefined on clicks
-    alone, is not tracked)."""
-    ranking = training.objective == SAMPLED_SOFTMAX
+    """Compiles `model` for `training.objective`; under a ranking objective also sets the model's
+    sampler (or, for the full softmax, its catalogue) from `train_files` (the compiled loss is
+    then unused and AUC, undefined on clicks alone, is not tracked)."""
+    ranking = training.objective in RANKING_OBJECTIVES
     if ranking:
-        model.set_ranking_objective(ranking_items(train_files, contract, model.config.inputs),
-                                    training.ranking_negatives, seed=training.seed)
+        negatives = training.ranking_negatives if training.objective == SAMPLED_SOFTMAX else None
+        model.set_ranking_objective(ranking_items(train_files, contract, model.config.inputs), negatives,
+                                    seed=training.seed)
     model.compile(
         optimizer=keras.optimizers.Adam(training.learning_rate),
         loss={F.SERVING_OUTPUT: keras.losses.BinaryCrossentropy()},
@@ -228,7 +233,7 @@ def train_and_export(model_name: str, model_overrides: dict, contract: F.Contrac
         only_domain = getattr(model_config, "domain", "")
         data = dict(config=model_config.inputs, batch_size=training.batch_size, only_domain=only_domain,
                     validation_fraction=training.validation_fraction, repeat=True,
-                    clicks_only=training.objective == SAMPLED_SOFTMAX)
+                    clicks_only=training.objective in RANKING_OBJECTIVES)
         train_ds = preprocess.dataset(train_files, shuffle=True, seed=training.seed, holdout="train", **data)
         validation_ds = preprocess.dataset(train_files, holdout="validation", **data)
         with distribution_strategy().scope():
