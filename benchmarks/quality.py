@@ -37,6 +37,7 @@ import numpy as np
 from benchmarks import train
 from components.evaluation import ranking
 from components.trainer import task
+from xdctr import features as F
 
 SETS = ("generated", "food-kitchen", "five-domains", "food-kitchen-loo")
 REAL_SETS = {"food-kitchen": "amazon-food-kitchen", "five-domains": "amazon-five-domains"}
@@ -53,11 +54,11 @@ def _interactions(name: str) -> str:
     return path
 
 
-def _ingest(log: str, examples: str) -> str:
+def _ingest(log: str, examples: str, history_length: int = F.DEFAULT_HISTORY_LENGTH) -> str:
     from components.ingest import beam_pipeline
 
     if not os.path.exists(os.path.join(examples, beam_pipeline.SUMMARY_FILE)):
-        beam_pipeline.run(beam_pipeline.IngestConfig(input_patterns=(log,)), examples)
+        beam_pipeline.run(beam_pipeline.IngestConfig(input_patterns=(log,), history_length=history_length), examples)
     return examples
 
 
@@ -83,9 +84,10 @@ def loo_dir(workdir: str, negatives: int = LOO_NEGATIVES) -> str:
     return os.path.join(workdir, "food-kitchen-loo" + ("" if negatives == LOO_NEGATIVES else f"-k{negatives}"))
 
 
-def prepare_loo(workdir: str, negatives: int = LOO_NEGATIVES) -> tuple:
+def prepare_loo(workdir: str, negatives: int = LOO_NEGATIVES, history_length: int = F.DEFAULT_HISTORY_LENGTH) -> tuple:
     """(interactions CSV, examples dir) of food-kitchen's leave-one-out train part, `negatives`
-    uniform non-clicks per click."""
+    uniform non-clicks per click, ingested with mixed histories of `history_length` clicks
+    (`examples`, or `examples-hL` for another length than the default)."""
     from components.ingest import importer
 
     interactions = _interactions(REAL_SETS["food-kitchen"])
@@ -95,13 +97,15 @@ def prepare_loo(workdir: str, negatives: int = LOO_NEGATIVES) -> tuple:
         os.makedirs(directory, exist_ok=True)
         ranking.import_train_part([interactions], log, importer.ImportConfig(negatives=negatives, seed=0,
                                                                              negative_sampling=importer.UNIFORM))
-    return interactions, _ingest(log, os.path.join(directory, "examples"))
+    name = "examples" + ("" if history_length == F.DEFAULT_HISTORY_LENGTH else f"-h{history_length}")
+    return interactions, _ingest(log, os.path.join(directory, name), history_length)
 
 
 def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epochs: int, patience: int,
             batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True,
             learning_rate: float = 1e-3, negatives: int = LOO_NEGATIVES, objective: str = LOO_OBJECTIVE,
-            ranking_negatives: int = RANKING_NEGATIVES) -> List[dict]:
+            ranking_negatives: int = RANKING_NEGATIVES,
+            history_length: int = F.DEFAULT_HISTORY_LENGTH) -> List[dict]:
     """Trains, exports and ranks every model and seed on food-kitchen's leave-one-out protocol
     (trained on the train part with `negatives` uniform non-clicks per click);
     the rankings of the references (with `baselines`) come first. Returns the `ranking.evaluate`
@@ -109,20 +113,23 @@ def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epoc
     `objective` ("sampled_softmax" by default: each click against `ranking_negatives` uniform
     items of its domain; "pointwise": the CTR log loss on the imported non-clicks too) as in
     `task.TrainingConfig`; runs under another objective than the default are named
-    `model[objective=...]`."""
+    `model[objective=...]`, and with another `history_length` (mixed-history clicks the models
+    see, in training and ranking) than the default `model[history_length=L]`."""
     import tensorflow as tf
 
     from components.ingest import beam_pipeline
     from components.trainer import export
     from models import config as config_lib
 
-    interactions, examples = prepare_loo(workdir, negatives)
+    interactions, examples = prepare_loo(workdir, negatives, history_length)
     contract = beam_pipeline.read_contract(examples)
     rows = sum(beam_pipeline.read_summary(examples)["rows"].values())
     files = sorted(tf.io.gfile.glob(os.path.join(examples, "Split-*", "*.gz")))
     directory = loo_dir(workdir, negatives)
     overrides = dict(overrides or {})
-    suffix = train.run_suffix({**overrides, **({"objective": objective} if objective != LOO_OBJECTIVE else {})})
+    suffix = train.run_suffix({**overrides, **({"objective": objective} if objective != LOO_OBJECTIVE else {}),
+                               **({"history_length": history_length}
+                                  if history_length != F.DEFAULT_HISTORY_LENGTH else {})})
     results = []
     for baseline in ranking.BASELINES if baselines else ():
         for seed in seeds:
@@ -228,7 +235,7 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
         seeds: Sequence[int] = (0, 1, 2), users: int = 20_000, epochs: int = 10, patience: int = 1,
         batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True,
         learning_rate: float = 1e-3, loo_negatives: int = LOO_NEGATIVES, loo_objective: str = LOO_OBJECTIVE,
-        ranking_negatives: int = RANKING_NEGATIVES) -> dict:
+        ranking_negatives: int = RANKING_NEGATIVES, loo_history_length: int = F.DEFAULT_HISTORY_LENGTH) -> dict:
     """Runs the chosen sets; writes the JSON (`out`) and the Markdown (`markdown_path`).
 
     `overrides` (config field -> value) apply to every model, as in `benchmark train`; without
@@ -246,7 +253,7 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
         if set_name == "food-kitchen-loo":
             results[set_name] = run_loo(model_names, workdir, seeds, epochs, patience, batch_size, max_users,
                                         overrides, baselines, learning_rate, loo_negatives, loo_objective,
-                                        ranking_negatives)
+                                        ranking_negatives, loo_history_length)
             sections.append(f"### food-kitchen, leave-one-out\n\n{ranking.markdown(results[set_name])}")
             continue
         set_dir = os.path.join(workdir, set_name)

@@ -65,3 +65,12 @@ def test_loo_train_part_has_the_asked_negatives_in_its_own_directory(tmp_path, m
         clicks = sum(r["clicked"] for r in log)
         assert clicks > 0 and len(log) - clicks == k * clicks
     assert quality.loo_dir(str(tmp_path), 7).endswith("food-kitchen-loo-k7")
+    # --loo-history-length L: the same train part ingested again with L-click mixed histories.
+    from components.ingest import beam_pipeline
+
+    _, default = quality.prepare_loo(str(tmp_path), negatives=4)
+    _, longer = quality.prepare_loo(str(tmp_path), negatives=4, history_length=3)
+    assert longer == os.path.join(quality.loo_dir(str(tmp_path)), "examples-h3")
+    assert beam_pipeline.read_contract(default).history_length == 20
+    assert beam_pipeline.read_contract(longer).history_length == 3
+    assert beam_pipeline.read_summary(longer)["rows"] == beam_pipeline.read_summary(default)["rows"]

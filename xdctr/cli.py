@@ -255,7 +255,8 @@ def _cmd_benchmark_quality(args) -> int:
                 epochs=args.epochs, patience=args.early_stopping_patience, batch_size=args.batch_size,
                 max_users=args.max_users, overrides=overrides, baselines=not args.no_references,
                 learning_rate=args.learning_rate, loo_negatives=args.loo_negatives,
-                loo_objective=args.loo_objective, ranking_negatives=args.ranking_negatives)
+                loo_objective=args.loo_objective, ranking_negatives=args.ranking_negatives,
+                loo_history_length=args.loo_history_length)
     return 0
 
 
@@ -452,6 +453,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
                    help="leave-one-out: the training objective (runs under pointwise are named model[objective=pointwise])")
     b.add_argument("--ranking-negatives", type=int, default=32,
                    help="leave-one-out under sampled_softmax: uniform items of the click's domain per click")
+    b.add_argument("--loo-history-length", type=int, default=F.DEFAULT_HISTORY_LENGTH,
+                   help="leave-one-out: clicks of the mixed history (another length than the default is ingested "
+                        "again, into examples-hL, and runs are named model[history_length=L])")
     b.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="config override for every model, e.g. inputs.item_buckets=262144 (runs are named model[...])")
     b.add_argument("--no-references", action="store_true",
