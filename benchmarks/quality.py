@@ -105,7 +105,7 @@ def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epoc
             batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True,
             learning_rate: float = 1e-3, negatives: int = LOO_NEGATIVES, objective: str = LOO_OBJECTIVE,
             ranking_negatives: int = RANKING_NEGATIVES,
-            history_length: int = F.DEFAULT_HISTORY_LENGTH) -> List[dict]:
+            history_length: int = F.DEFAULT_HISTORY_LENGTH, select: str = "val_loss") -> List[dict]:
     """Trains, exports and ranks every model and seed on food-kitchen's leave-one-out protocol
     (trained on the train part with `negatives` uniform non-clicks per click);
     the rankings of the references (with `baselines`) come first. Returns the `ranking.evaluate`
@@ -114,7 +114,10 @@ def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epoc
     items of its domain; "pointwise": the CTR log loss on the imported non-clicks too) as in
     `task.TrainingConfig`; runs under another objective than the default are named
     `model[objective=...]`, and with another `history_length` (mixed-history clicks the models
-    see, in training and ranking) than the default `model[history_length=L]`."""
+    see, in training and ranking) than the default `model[history_length=L]`. `select` is what
+    early stopping watches: "val_loss" (the objective on the held-out train clicks) or
+    "valid_ndcg" (NDCG@10 of the protocol's valid cases, ranked after every epoch, as ABXI
+    selects its epochs; runs named `model[select=valid_ndcg]`)."""
     import tensorflow as tf
 
     from components.ingest import beam_pipeline
@@ -127,9 +130,17 @@ def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epoc
     files = sorted(tf.io.gfile.glob(os.path.join(examples, "Split-*", "*.gz")))
     directory = loo_dir(workdir, negatives)
     overrides = dict(overrides or {})
+    if select not in SELECTIONS:
+        raise ValueError(f"`select` must be one of {SELECTIONS}. Received: select={select!r}")
     suffix = train.run_suffix({**overrides, **({"objective": objective} if objective != LOO_OBJECTIVE else {}),
                                **({"history_length": history_length}
-                                  if history_length != F.DEFAULT_HISTORY_LENGTH else {})})
+                                  if history_length != F.DEFAULT_HISTORY_LENGTH else {}),
+                               **({"select": select} if select != "val_loss" else {})})
+    valid = None
+    if select == "valid_ndcg":
+        from components.ingest import importer
+
+        valid = ranking.read_sequences([interactions], os.path.join(directory, "valid" + importer.DEAD_LETTER_SUFFIX))
     results = []
     for baseline in ranking.BASELINES if baselines else ():
         for seed in seeds:
@@ -142,7 +153,8 @@ def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epoc
             model, config, info = train.train_model(name, overrides, contract, files, rows, seed=seed, epochs=epochs,
                                                     batch_size=batch_size, patience=patience,
                                                     learning_rate=learning_rate, objective=objective,
-                                                    ranking_negatives=ranking_negatives)
+                                                    ranking_negatives=ranking_negatives,
+                                                    **_selection(select, valid, seed, max_users))
             trained = time.monotonic() - started
             slug = re.sub(r"[^A-Za-z0-9_.=,-]+", "_", f"{name}{suffix}-{seed}")  # no glob characters in paths
             model_dir = os.path.join(directory, "models", slug)
@@ -156,6 +168,19 @@ def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epoc
             _print_loo(result)
             del model
     return results
+
+
+SELECTIONS = ("val_loss", "valid_ndcg")
+
+
+def _selection(select: str, valid, seed: int, max_users=None) -> dict:
+    """`train.train_model`'s monitor and callbacks for `select` (see `run_loo`; `max_users` limits
+    the valid cases as it limits the test cases)."""
+    if select == "val_loss":
+        return {}
+    return {"monitor": ranking.VALIDATION_METRIC,
+            "callbacks_for": lambda model, config: [ranking.validation_ranking_callback(valid, model, config.inputs,
+                                                                                        seed=seed, max_users=max_users)]}
 
 
 def _print_loo(result: dict) -> None:
@@ -235,7 +260,8 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
         seeds: Sequence[int] = (0, 1, 2), users: int = 20_000, epochs: int = 10, patience: int = 1,
         batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True,
         learning_rate: float = 1e-3, loo_negatives: int = LOO_NEGATIVES, loo_objective: str = LOO_OBJECTIVE,
-        ranking_negatives: int = RANKING_NEGATIVES, loo_history_length: int = F.DEFAULT_HISTORY_LENGTH) -> dict:
+        ranking_negatives: int = RANKING_NEGATIVES, loo_history_length: int = F.DEFAULT_HISTORY_LENGTH,
+        loo_select: str = "val_loss") -> dict:
     """Runs the chosen sets; writes the JSON (`out`) and the Markdown (`markdown_path`).
 
     `overrides` (config field -> value) apply to every model, as in `benchmark train`; without
@@ -253,7 +279,7 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
         if set_name == "food-kitchen-loo":
             results[set_name] = run_loo(model_names, workdir, seeds, epochs, patience, batch_size, max_users,
                                         overrides, baselines, learning_rate, loo_negatives, loo_objective,
-                                        ranking_negatives, loo_history_length)
+                                        ranking_negatives, loo_history_length, loo_select)
             sections.append(f"### food-kitchen, leave-one-out\n\n{ranking.markdown(results[set_name])}")
             continue
         set_dir = os.path.join(workdir, set_name)

@@ -116,7 +116,8 @@ def _with_label_dict(inputs, label):
 def train_model(name: str, overrides: dict, contract: F.Contract, train_files: Sequence[str], train_rows: int, *,
                 seed: int, epochs: int, batch_size: int = 256, patience: int = 1, validation_fraction: float = 0.1,
                 learning_rate: float = 1e-3, callbacks=(), objective: str = task.POINTWISE,
-                ranking_negatives: int = task.TrainingConfig.ranking_negatives) -> tuple:
+                ranking_negatives: int = task.TrainingConfig.ranking_negatives, monitor: str = "val_loss",
+                callbacks_for=None) -> tuple:
     """Trains registered model `name` as the Trainer does, with early stopping on the holdout.
 
     `train_rows` is the number of rows in `train_files` (one epoch = train_rows // batch_size
@@ -126,7 +127,11 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
     number; "item_hashing" holds `task.item_hashing`'s collision stats for the size used.
     `objective` and `ranking_negatives` as in `task.TrainingConfig`; under a ranking objective
     ("sampled_softmax", "full_softmax") only click rows are read, and an epoch passes once over
-    the clicks (counted here).
+    the clicks (counted here). Early stopping watches `monitor`: "val_loss" (lower is better), or
+    a higher-is-better quantity a callback adds to the epoch logs (e.g.
+    `ranking.validation_ranking_callback`'s); `callbacks_for(model, config)` builds such
+    callbacks once the model exists (they run before early stopping). "best_epoch" is the epoch
+    of the best `monitor` ("monitored" lists its values).
     """
     training = task.TrainingConfig(batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                                    validation_fraction=validation_fraction, objective=objective,
@@ -143,7 +148,10 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
     validation = preprocess.dataset(train_files, batch_size=VALIDATION_BATCH, holdout="validation", **data)
     model = models.build(name, config)
     task.compile_model(model, training, train_files, contract, metrics=False)
-    stopping = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+    lower = monitor == "val_loss"
+    stopping = keras.callbacks.EarlyStopping(monitor=monitor, mode="min" if lower else "max", patience=patience,
+                                             restore_best_weights=True)
+    callbacks = list(callbacks) + (list(callbacks_for(model, config)) if callbacks_for else [])
     if ranking:
         train_rows = preprocess.count_clicks(train_files)
     steps_per_epoch = max(1, train_rows // batch_size)
@@ -154,8 +162,12 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
                        verbose=0)
     model.clear_ranking_objective()
     val_loss = [float(v) for v in history.history.get("val_loss", [])]
-    info = {"epochs_run": len(val_loss), "best_epoch": int(np.argmin(val_loss)) + 1 if val_loss else None,
-            "val_loss": [round(v, 6) for v in val_loss], "item_hashing": hashing, "objective": objective}
+    watched = [float(v) for v in history.history.get(monitor, [])]
+    best = (int(np.argmin(watched)) if lower else int(np.argmax(watched))) + 1 if watched else None
+    info = {"epochs_run": len(val_loss), "best_epoch": best, "val_loss": [round(v, 6) for v in val_loss],
+            "item_hashing": hashing, "objective": objective}
+    if not lower:
+        info.update(monitor=monitor, monitored=[round(v, 6) for v in watched])
     if ranking:
         info.update(train_clicks=train_rows)
     if objective == task.SAMPLED_SOFTMAX:

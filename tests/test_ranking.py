@@ -202,11 +202,12 @@ def trained(tmp_path_factory):
                       examples)
     files = sorted(tf.io.gfile.glob(os.path.join(examples, "Split-*", "*.gz")))
     model_dir = str(tmp / "model")
-    task.train_and_export("dnn_multi", {"inputs": {"item_buckets": 256, "user_buckets": 256}, "embedding_dim": 8},
+    model = task.train_and_export("dnn_multi", {"inputs": {"item_buckets": 256, "user_buckets": 256}, "embedding_dim": 8},
                           beam_pipeline.read_contract(examples), files, serving_model_dir=model_dir,
                           log_dir=str(tmp / "logs"), train_steps=20, validation_steps=1,
                           training=task.TrainingConfig(batch_size=32))
-    return {"interactions": interactions, "summary": summary, "model_dir": model_dir, "tmp": tmp}
+    return {"interactions": interactions, "summary": summary, "model_dir": model_dir, "tmp": tmp, "model": model,
+            "examples": examples}
 
 
 def test_train_part_import_has_k_uniform_negatives(trained):
@@ -251,6 +252,53 @@ def test_end_to_end_ranks_through_score_candidates(trained):
                                model_dir=trained["model_dir"], seed=3, negatives=19, splits=[ranking.TEST],
                                max_users=15)
     assert limited["splits"][ranking.TEST]["overall"]["mrr"] == pytest.approx(np.mean(1.0 / np.array(ranks)), rel=1e-6)
+
+
+def test_the_keras_model_ranks_as_its_export_and_the_callback_logs_the_valid_ranking(trained):
+    seqs = ranking.read_sequences([trained["interactions"]], str(trained["tmp"] / "dead-keras.jsonl"))
+    model = trained["model"]
+    contract, exported, keep = ranking.saved_model_scorer(trained["model_dir"])
+    live = ranking.keras_model_scorer(model, model.config.inputs)
+    by_export = ranking.evaluate_scorer(seqs, exported, contract, [ranking.VALID], seed=1, negatives=19)[ranking.VALID]
+    by_keras = ranking.evaluate_scorer(seqs, live, contract, [ranking.VALID], seed=1, negatives=19)[ranking.VALID]
+    assert by_keras["overall"]["cases"] == 120
+    for metric in ("hr@10", "ndcg@10", "mrr"):
+        assert by_keras["overall"][metric] == pytest.approx(by_export["overall"][metric], abs=1e-9)
+    callback = ranking.validation_ranking_callback(seqs, model, model.config.inputs, seed=1, negatives=19)
+    logs = {"loss": 1.0}
+    callback.on_epoch_end(0, logs)
+    assert logs["loss"] == 1.0 and ranking.VALIDATION_METRIC == "val_ranking_ndcg@10"
+    for metric in ("hr@10", "ndcg@10", "mrr"):
+        assert logs[f"val_ranking_{metric}"] == pytest.approx(by_export["overall"][metric], abs=1e-9)
+    del keep
+
+
+def test_early_stopping_on_the_valid_ranking_keeps_the_best_epoch(trained):
+    from benchmarks import train as train_benchmark
+
+    seqs = ranking.read_sequences([trained["interactions"]], str(trained["tmp"] / "dead-select.jsonl"))
+    examples = trained["examples"]
+    files = sorted(tf.io.gfile.glob(os.path.join(examples, "Split-*", "*.gz")))
+    rows = sum(beam_pipeline.read_summary(examples)["rows"].values())
+    made = []
+
+    def callbacks_for(model, config):
+        made.append(ranking.validation_ranking_callback(seqs, model, config.inputs, seed=2, negatives=19))
+        return made[-1:]
+
+    model, config, info = train_benchmark.train_model(
+        "sasrec", {"inputs": {"item_buckets": 256}, "embedding_dim": 8}, beam_pipeline.read_contract(examples), files,
+        rows, seed=0, epochs=4, batch_size=32, patience=1, learning_rate=0.01, objective="sampled_softmax",
+        ranking_negatives=8, monitor=ranking.VALIDATION_METRIC, callbacks_for=callbacks_for)
+    assert len(made) == 1 and info["monitor"] == ranking.VALIDATION_METRIC
+    watched = info["monitored"]
+    assert len(watched) == info["epochs_run"] == len(info["val_loss"]) and 1 <= len(watched) <= 4
+    assert info["best_epoch"] == int(np.argmax(watched)) + 1
+    # The weights kept are the best epoch's: ranking the valid cases again gives its NDCG@10.
+    contract = F.Contract(tuple(config.inputs.domains), config.inputs.history_length, config.inputs.domain_history_length)
+    again = ranking.evaluate_scorer(seqs, ranking.keras_model_scorer(model, config.inputs), contract, [ranking.VALID],
+                                    seed=2, negatives=19)[ranking.VALID]["overall"]["ndcg@10"]
+    assert again == pytest.approx(max(watched), abs=1e-5)
 
 
 def test_cli_evaluate_leave_one_out(trained, capsys):

@@ -256,7 +256,7 @@ def _cmd_benchmark_quality(args) -> int:
                 max_users=args.max_users, overrides=overrides, baselines=not args.no_references,
                 learning_rate=args.learning_rate, loo_negatives=args.loo_negatives,
                 loo_objective=args.loo_objective, ranking_negatives=args.ranking_negatives,
-                loo_history_length=args.loo_history_length)
+                loo_history_length=args.loo_history_length, loo_select=args.loo_select)
     return 0
 
 
@@ -456,6 +456,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--loo-history-length", type=int, default=F.DEFAULT_HISTORY_LENGTH,
                    help="leave-one-out: clicks of the mixed history (another length than the default is ingested "
                         "again, into examples-hL, and runs are named model[history_length=L])")
+    b.add_argument("--loo-select", choices=["val_loss", "valid_ndcg"], default="val_loss",
+                   help="leave-one-out: what early stopping watches: the objective's loss on held-out train clicks, "
+                        "or NDCG@10 of the protocol's valid cases after every epoch (runs named model[select=...])")
     b.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="config override for every model, e.g. inputs.item_buckets=262144 (runs are named model[...])")
     b.add_argument("--no-references", action="store_true",

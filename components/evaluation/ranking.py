@@ -274,6 +274,50 @@ def saved_model_scorer(model_dir: str) -> tuple:
     return contract, score, loaded
 
 
+def keras_model_scorer(model, input_config) -> Scorer:
+    """A scorer of a Keras `CTRModel` as it is now (its current weights, e.g. during training),
+    through the same `score_candidates` function the export saves."""
+    import tensorflow as tf
+
+    from components.trainer import export
+
+    module = export.ServingModule(model, input_config)
+
+    def score(case, example, items, domains):
+        out = module.score_candidates(tf.constant([example]), tf.constant(items), tf.constant(domains))
+        return out[F.SERVING_OUTPUT].numpy().astype(np.float64)
+
+    return score
+
+
+VALIDATION_METRIC = "val_ranking_ndcg@10"  # what `validation_ranking_callback` adds to the epoch logs
+
+
+def validation_ranking_callback(seqs: Sequences, model, input_config, seed: int = 0, max_users: Optional[int] = None,
+                                negatives: int = DEFAULT_NEGATIVES):
+    """A Keras callback that ranks the protocol's VALID cases (target s[n-1], input s[1..n-2],
+    never trained on) with the model at the end of every epoch and adds `val_ranking_<metric>`
+    (overall HR@10, NDCG@10, MRR) to the epoch's logs, so that early stopping can select the
+    epoch by validation NDCG@10, as ABXI selects its epochs, instead of by a loss. Put it before
+    the EarlyStopping callback. The test cases stay untouched."""
+    import keras
+
+    contract = F.Contract(tuple(input_config.domains), input_config.history_length,
+                          input_config.domain_history_length)
+    scorer = keras_model_scorer(model, input_config)
+
+    class ValidationRanking(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            result = evaluate_scorer(seqs, scorer, contract, [VALID], seed, negatives, max_users)[VALID][OVERALL]
+            if logs is not None:
+                for metric in ("hr@10", "ndcg@10", "mrr"):
+                    logs[f"val_ranking_{metric}"] = result[metric]
+            logger.info("epoch %d: valid cases %d, HR@10 %.4f, NDCG@10 %.4f, MRR %.4f", epoch + 1, result["cases"],
+                        result["hr@10"], result["ndcg@10"], result["mrr"])
+
+    return ValidationRanking()
+
+
 def _cooccurrence(seqs: Sequences, rows: list):
     """C (items x items, scipy CSR): C[i, j] = users whose train part holds both i and j (i != j)."""
     import scipy.sparse
