@@ -16,11 +16,13 @@ from xdctr import features as F
 
 NAMES = ["single_domain_dnn", "single_domain_din", "dnn_multi", "shared_bottom", "bilinear_recency", "sasrec"]
 SINGLE_DOMAIN = ["single_domain_dnn", "single_domain_din"]
-# Every model, plus the DIN's softmax ablation, the bilinear model's time-gap recency and SASRec's item bias.
+# Every model, plus the DIN's softmax ablation, the bilinear model's time-gap recency and SASRec's item
+# bias and domain queries.
 VARIANTS = [(name, {}) for name in NAMES] + [("single_domain_din", {"softmax": True}),
                                              ("bilinear_recency", {"recency": "time_gap"}),
-                                             ("sasrec", {"item_bias": True})]
-VARIANT_IDS = NAMES + ["single_domain_din-softmax", "bilinear_recency-time_gap", "sasrec-item_bias"]
+                                             ("sasrec", {"item_bias": True}), ("sasrec", {"domain_query": True})]
+VARIANT_IDS = NAMES + ["single_domain_din-softmax", "bilinear_recency-time_gap", "sasrec-item_bias",
+                       "sasrec-domain_query"]
 HISTORY, DOMAIN_HISTORY, BUCKETS, BATCH = 4, 3, 50, 8
 
 

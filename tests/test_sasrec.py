@@ -99,6 +99,37 @@ def test_learns_which_item_follows_the_latest_click():
     assert np.all(np.argmax(scores, axis=1) == np.arange(10))
 
 
+def test_domain_query_scores_with_the_query_token_of_the_candidates_domain():
+    model = _build(domain_query=True)
+    inputs = _inputs([[0, 3, 5, 7], [0, 0, 0, 0]], [9, 11], domains=[0, 1])
+    model(inputs)
+    states = keras.ops.convert_to_numpy(model.encode_context(inputs)["states"])  # (2, D=2, 8)
+    assert states.shape == (2, 2, 8)
+    # By hand: the encoder on the scaled history plus positions, then Q_k as one more real step.
+    table = keras.ops.convert_to_numpy(model.item_embedding.embeddings)
+    positions = keras.ops.convert_to_numpy(model.positions)
+    queries = keras.ops.convert_to_numpy(model.domain_queries)
+    history, mask = inputs[F.HISTORY_ITEM_IDS], inputs[F.HISTORY_MASK]
+    x = (table[history] * np.sqrt(8) + positions) * mask[..., None]
+    for k in range(2):
+        steps = np.concatenate([x, np.broadcast_to(queries[k], (2, 1, 8))], axis=1).astype("float32")
+        steps_mask = np.concatenate([mask, np.ones((2, 1), bool)], axis=1)
+        by_hand = keras.ops.convert_to_numpy(model.encoder(steps, steps_mask))[:, -1]
+        np.testing.assert_allclose(states[:, k], by_hand, rtol=1e-4, atol=1e-5)
+    assert np.all(np.linalg.norm(states[1], axis=-1) > 0.1)  # no history: the queries' own states, not 0
+    assert np.linalg.norm(states[0, 0] - states[0, 1]) > 0.1 * np.linalg.norm(states[0, 0])
+    # Each candidate is scored with its own domain's state.
+    expected = [states[0, 0] @ table[9], states[1, 1] @ table[11]]
+    np.testing.assert_allclose(_logits(model, inputs), expected, rtol=1e-4, atol=1e-4)
+    swapped = _logits(model, dict(inputs, **{F.DOMAIN: np.array([1, 0], "int32")}))
+    np.testing.assert_allclose(swapped, [states[0, 1] @ table[9], states[1, 0] @ table[11]], rtol=1e-4, atol=1e-4)
+    # The batched scorer agrees: every row against items 9 (domain a) and 11 (domain b).
+    context = model.encode_context(inputs)
+    batched = keras.ops.convert_to_numpy(model.score_items(context, np.array([9, 11], "int32"), np.array([0, 1], "int32")))
+    np.testing.assert_allclose(batched, [[states[r, 0] @ table[9], states[r, 1] @ table[11]] for r in range(2)],
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="num_heads=3"):
         _build(num_heads=3)
