@@ -84,7 +84,11 @@ def two_arms(backends, weights=(0.5, 0.5), **extra) -> dict:
 
 
 def write_config(path, config: dict) -> str:
-    path.write_text(yaml.safe_dump(config))
+    """Writes the file at once (a new file renamed over it), so that a polling router never reads
+    it half-written, as a config map or `mv` replaces it in production."""
+    staged = path.with_name(path.name + ".new")
+    staged.write_text(yaml.safe_dump(config))
+    os.replace(staged, path)
     return str(path)
 
 
@@ -410,7 +414,9 @@ def test_hot_reload_changes_weights_and_keeps_the_old_config_on_a_bad_file(backe
                  yaml.safe_dump(two_arms([backends[0], "not a host port"], weights=(1, 0))): "must be HOST:PORT"}
     for k, (text, detail) in enumerate(bad_files.items()):
         caplog.clear()
-        path.write_text(text)
+        staged = path.with_name(path.name + ".new")  # replaced at once, as write_config does
+        staged.write_text(text)
+        os.replace(staged, path)
         os.utime(path, ns=(time.time_ns(), time.time_ns() + (2 + k) * 1_000_000_000))
         refused = lambda: [r for r in caplog.records if getattr(r, "xdctr_event", None) == "config_reload_refused"]
         wait_for(refused, "the bad config to be reported")
