@@ -13,8 +13,10 @@ Sets (`--sets`, all by default):
   held out before), each model trained, exported and ranked through `score_candidates` on the
   test cases (999 seeded negatives); the `popularity` and `random` references; next to ABXI's
   published numbers. Models train with the sampled-softmax objective by default (each click
-  against `--ranking-negatives` uniform items of its domain; `--loo-objective pointwise` trains
-  the CTR log loss on the imported non-clicks instead).
+  against `--ranking-negatives` uniform items of its domain; `--loo-objective full_softmax`
+  against every item of its domain; `--loo-objective pointwise` trains the CTR log loss on the
+  imported non-clicks instead). `--loo-history-length` ingests longer histories; `--loo-select
+  valid_ndcg` stops on the protocol's valid cases' NDCG@10 instead of the holdout's loss.
 
 Every model is trained for every seed (`--seeds`, 0 1 2) by `benchmarks.train.train_model`: the
 Trainer's validation holdout (10% of the training rows) and early stopping on its loss, best
