@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from components.evaluation import ranking
 from components.ingest import beam_pipeline, importer, sequences
-from components.trainer import task
+from components.trainer import preprocess, task
 from xdctr import cli
 from xdctr import features as F
 
@@ -295,7 +295,7 @@ def test_early_stopping_on_the_valid_ranking_keeps_the_best_epoch(trained):
     assert len(watched) == info["epochs_run"] == len(info["val_loss"]) and 1 <= len(watched) <= 4
     assert info["best_epoch"] == int(np.argmax(watched)) + 1
     # The weights kept are the best epoch's: ranking the valid cases again gives its NDCG@10.
-    contract = F.Contract(tuple(config.inputs.domains), config.inputs.history_length, config.inputs.domain_history_length)
+    contract = preprocess.contract_of(config.inputs)
     again = ranking.evaluate_scorer(seqs, ranking.keras_model_scorer(model, config.inputs), contract, [ranking.VALID],
                                     seed=2, negatives=19)[ranking.VALID]["overall"]["ndcg@10"]
     assert again == pytest.approx(max(watched), abs=1e-5)

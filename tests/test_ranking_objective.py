@@ -242,5 +242,10 @@ def test_cli_flags_match_the_training_config():
     for objective in task.OBJECTIVES:
         assert parser.parse_args(["pipeline", "run", "--input", "x", "--objective", objective]).objective == objective
         assert parser.parse_args(["benchmark", "quality", "--loo-objective", objective]).loo_objective == objective
+    from benchmarks import quality as quality_benchmark
+
+    assert quality.loo_select == quality_benchmark.SELECTIONS[0]
+    for select in quality_benchmark.SELECTIONS:
+        assert parser.parse_args(["benchmark", "quality", "--loo-select", select]).loo_select == select
     with pytest.raises(cli.UsageError, match="invalid choice: 'listwise'"):
         parser.parse_args(["pipeline", "run", "--input", "x", "--objective", "listwise"])

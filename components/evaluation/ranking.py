@@ -302,8 +302,9 @@ def validation_ranking_callback(seqs: Sequences, model, input_config, seed: int 
     the EarlyStopping callback. The test cases stay untouched."""
     import keras
 
-    contract = F.Contract(tuple(input_config.domains), input_config.history_length,
-                          input_config.domain_history_length)
+    from components.trainer import preprocess
+
+    contract = preprocess.contract_of(input_config)
     scorer = keras_model_scorer(model, input_config)
 
     class ValidationRanking(keras.callbacks.Callback):
