@@ -146,12 +146,35 @@ class CTRModel(keras.Model):
         if len(domain_items) != self.config.inputs.num_domains:
             raise ValueError(f"`domain_items` must have one entry per domain ({self.config.inputs.num_domains}). "
                              f"Received: {len(domain_items)}")
+        self.clear_ranking_objective()
         self._ranking = _DomainCatalogue(domain_items) if negatives is None else _RankingSampler(domain_items, negatives,
                                                                                                  seed)
+        if isinstance(self._ranking, _RankingSampler):
+            self._track_state(self._ranking.seed_generator)
         self.train_function = self.test_function = None  # the steps change: make `fit` retrace them
+
+    def _track_state(self, seed_generator, track: bool = True) -> None:
+        """Adds (or removes) the sampler's seed generator to the model's non-trainable state.
+
+        Keras's JAX trainer runs stateless steps over the model's tracked variables only: an
+        untracked generator's state would be read as a constant and its advance dropped, so every
+        step would draw the same negatives. Tracking it makes the state advance on every backend.
+        The model is built (its tracker locked) by now, hence the unlock."""
+        locked = self._tracker.locked
+        self._tracker.unlock()
+        try:
+            if track:
+                self._tracker.track(seed_generator)
+            else:
+                self._tracker.untrack(seed_generator)
+        finally:
+            if locked:
+                self._tracker.lock()
 
     def clear_ranking_objective(self) -> None:
         """Back to the pointwise objective (before export: the served graph has no sampler)."""
+        if isinstance(self._ranking, _RankingSampler):
+            self._track_state(self._ranking.seed_generator, track=False)
         self._ranking = None
         self.train_function = self.test_function = self.predict_function = None
 
