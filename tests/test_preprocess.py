@@ -186,3 +186,43 @@ def test_hashing_stats_by_hand():
     assert stats["colliding_item_fraction"] == pytest.approx(2 / 4)
     assert stats["merged_item_fraction"] == pytest.approx(1 / 4)
     assert stats["merged_bucket_fraction"] == pytest.approx(1 / 3)
+
+
+def _user_sorted_file(path, prefix, users, rows_per_user):
+    """A gzip TFRecord written as the ingestion writes it: each user's rows together; every row's
+    target item is unique (`<prefix>-<user>-<row>`)."""
+    contract = preprocess.contract_of(CONFIG)
+    names = []
+    with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+        for user in range(users):
+            events = [Impression(T + r * MINUTE, f"{prefix}{user}", "A", f"{prefix}-{user}-{r}", r % 2)
+                      for r in range(rows_per_user)]
+            for example in sequences.user_examples(f"{prefix}{user}", events, contract):
+                writer.write(sequences.to_tf_example(example).SerializeToString())
+            names += [(prefix, user) for _ in events]
+    return names
+
+
+def test_shuffled_batches_mix_users_from_every_file_and_from_far_apart(tmp_path):
+    """The ingestion writes users' rows together; a shuffled batch must not be a few neighbouring
+    users of one file (a 10,000-row buffer over the files in order gave exactly that)."""
+    config = InputConfig(domains=("A", "B"), history_length=3, domain_history_length=2, item_buckets=1 << 22,
+                         user_buckets=11)
+    users, per_user = 1500, 10
+    files = [str(tmp_path / f"part-{i}.gz") for i in range(2)]
+    owners = {}
+    for i, path in enumerate(files):
+        for row, (prefix, user) in enumerate(_user_sorted_file(path, f"f{i}", users, per_user)):
+            owners[f"{prefix}-{user}-{row % per_user}"] = (i, user)
+    names = list(owners)
+    hashed = preprocess.hash_ids(tf.constant(names), config.item_buckets).numpy()
+    by_bucket = {int(h): owners[n] for h, n in zip(hashed, names)}
+    x, _ = next(iter(preprocess.dataset(files, config, 512, shuffle=True, seed=0)))
+    rows = [by_bucket[int(b)] for b in x[F.ITEM_ID].numpy()]
+    second_file = np.mean([f == 1 for f, _ in rows])
+    last_fifth = np.mean([u >= users * 4 // 5 for _, u in rows])
+    assert 0.35 < second_file < 0.65, second_file  # both files, about equally
+    assert 0.1 < last_fifth < 0.3, last_fifth  # about a fifth of the rows come from each file's last fifth of users
+    assert len({r for r in rows}) > 300  # hundreds of users in one batch of 512 rows
+    with pytest.raises(ValueError, match="shuffle_buffer"):
+        preprocess.dataset(files, config, 512, shuffle=True, shuffle_buffer=0)

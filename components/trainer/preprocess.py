@@ -161,10 +161,20 @@ def in_validation(raw: dict, fraction: float) -> tf.Tensor:
     return tf.strings.to_hash_bucket_fast(key, 10_000) < int(round(fraction * 10_000))
 
 
+SHUFFLE_BUFFER = 1 << 18  # serialized rows held to shuffle (~100 MB at ~400 bytes a row)
+
+
 def dataset(file_pattern, config: InputConfig, batch_size: int, shuffle: bool = False, repeat: bool = False,
             seed: int = 0, only_domain: str = "", holdout: str = "all",
-            validation_fraction: float = 0.1, clicks_only: bool = False) -> tf.data.Dataset:
+            validation_fraction: float = 0.1, clicks_only: bool = False,
+            shuffle_buffer: int = SHUFFLE_BUFFER) -> tf.data.Dataset:
     """Gzip TFRecords of tf.Examples -> (model inputs, label) batches.
+
+    The ingestion writes each user's rows together, so `shuffle` has to mix far: the files are
+    read in a shuffled order, interleaved row by row, through a `shuffle_buffer`-row buffer (the
+    whole set when it is smaller). A 10,000-row buffer over one file at a time made batches of a
+    few hundred users' consecutive clicks, and SASRec lost 0.04 HR@10 on food-kitchen's
+    leave-one-out protocol to it (README, "Shuffling the train rows").
 
     `only_domain` keeps only rows whose target domain it names (single-domain baselines).
     `holdout` "train" drops, and "validation" keeps only, the `validation_fraction` of rows chosen
@@ -178,9 +188,16 @@ def dataset(file_pattern, config: InputConfig, batch_size: int, shuffle: bool = 
     files = tf.io.gfile.glob(file_pattern) if isinstance(file_pattern, str) else list(file_pattern)
     if not files:
         raise ValueError(f"no TFRecord files match {file_pattern!r}")
-    ds = tf.data.TFRecordDataset(sorted(files), compression_type="GZIP")
     if shuffle:
-        ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
+        if shuffle_buffer < 1:
+            raise ValueError(f"`shuffle_buffer` must be positive. Received: shuffle_buffer={shuffle_buffer}")
+        ds = tf.data.Dataset.from_tensor_slices(sorted(files)).shuffle(len(files), seed=seed,
+                                                                      reshuffle_each_iteration=True)
+        ds = ds.interleave(lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
+                           cycle_length=len(files), block_length=1, deterministic=True)
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    else:
+        ds = tf.data.TFRecordDataset(sorted(files), compression_type="GZIP")
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_size)
