@@ -194,7 +194,7 @@ def dataset(file_pattern, config: InputConfig, batch_size: int, shuffle: bool = 
         ds = tf.data.Dataset.from_tensor_slices(sorted(files)).shuffle(len(files), seed=seed,
                                                                       reshuffle_each_iteration=True)
         ds = ds.interleave(lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
-                           cycle_length=len(files), block_length=1, deterministic=True)
+                           cycle_length=len(files), block_length=1)
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     else:
         ds = tf.data.TFRecordDataset(sorted(files), compression_type="GZIP")
