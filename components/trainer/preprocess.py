@@ -173,7 +173,7 @@ def dataset(file_pattern, config: InputConfig, batch_size: int, shuffle: bool = 
     The ingestion writes each user's rows together, so `shuffle` has to mix far: the files are
     read in a shuffled order, interleaved row by row, through a `shuffle_buffer`-row buffer (the
     whole set when it is smaller). A 10,000-row buffer over one file at a time made batches of a
-    few hundred users' consecutive clicks, and SASRec lost 0.04 HR@10 on food-kitchen's
+    few hundred users' consecutive clicks, and SASRec lost 0.03-0.04 HR@10 on food-kitchen's
     leave-one-out protocol to it (README, "Shuffling the train rows").
 
     `only_domain` keeps only rows whose target domain it names (single-domain baselines).
