@@ -346,3 +346,36 @@ def test_cooccurrence_reference_by_hand(tmp_path):
     # (y 2, z 1) and a jitter below 1e-6.
     scores = score(case, b"", ["y", "z", "h1"], ["a"] * 3)
     np.testing.assert_allclose(scores, [1.0 + 0.002, 0.5 + 0.001, 0.0], atol=2e-6)
+
+
+def test_ranking_uses_the_logit_where_the_served_ctr_saturates(trained, tmp_path):
+    """float32 sigmoid is exactly 1.0 above a logit of ~17: a confident model's ctr ties the target
+    with every confident negative. `score_candidates` returns the logit too, and the protocol
+    ranks by it (DACDR under the softmax objective tied 0.59 negatives a case at 1.0)."""
+    from components.trainer import export
+    from models import config as config_lib
+
+    model = trained["model"]
+    original = model.get_weights()
+    out = str(tmp_path / "saturated")
+    try:
+        model.set_weights([w * 40 for w in original])  # every layer x40: logits in the thousands
+        export.export(model, model.config.inputs, out)
+        config_lib.save(model.config, "dnn_multi", out)
+    finally:
+        model.set_weights(original)
+    seqs = ranking.read_sequences([trained["interactions"]], str(trained["tmp"] / "dead-saturated.jsonl"))
+    contract, by_logit, keep = ranking.saved_model_scorer(out)
+    signature = keep.signatures[F.SCORE_CANDIDATES_SIGNATURE]
+
+    def by_ctr(case, example, items, domains):
+        return signature(**{F.SERVING_INPUT: tf.constant([example]), F.CANDIDATE_ITEM_IDS: tf.constant(items),
+                            F.CANDIDATE_DOMAINS: tf.constant(domains)})[F.SERVING_OUTPUT].numpy().astype(np.float64)
+
+    logit = ranking.evaluate_scorer(seqs, by_logit, contract, [ranking.TEST], seed=1, negatives=19)[ranking.TEST]
+    ctr = ranking.evaluate_scorer(seqs, by_ctr, contract, [ranking.TEST], seed=1, negatives=19)[ranking.TEST]
+    assert ctr["overall"]["ties"] > 1.0, ctr["overall"]  # saturated: many negatives at exactly 1.0
+    # What ties remain are items sharing a hash bucket (80 items in 256 buckets), not saturation.
+    assert logit["overall"]["ties"] < 0.1 * ctr["overall"]["ties"], (logit["overall"], ctr["overall"])
+    # Ties count for the target (rank = 1 + strictly higher), so the saturated ctr ranks too well.
+    assert ctr["overall"]["mrr"] > logit["overall"]["mrr"]

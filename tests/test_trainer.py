@@ -51,12 +51,15 @@ def test_model_trains_and_exports(examples, tmp_path, name):
     served = loaded.signatures[F.SERVING_SIGNATURE](**{F.SERVING_INPUT: tf.constant(serialized)})[F.SERVING_OUTPUT].numpy()
     assert served.shape == (4,) and np.all((served > 0) & (served < 1))
     # The same user context scored against two candidates in different domains.
-    candidates = loaded.signatures[F.SCORE_CANDIDATES_SIGNATURE](**{
+    scored = loaded.signatures[F.SCORE_CANDIDATES_SIGNATURE](**{
         F.SERVING_INPUT: tf.constant(serialized[:1]),
         F.CANDIDATE_ITEM_IDS: tf.constant([b"grocery:i1", b"kitchen:i2"]),
         F.CANDIDATE_DOMAINS: tf.constant([b"grocery", b"kitchen"]),
-    })[F.SERVING_OUTPUT].numpy()
+    })
+    candidates = scored[F.SERVING_OUTPUT].numpy()
     assert candidates.shape == (2,) and np.all(np.isfinite(candidates))
+    # ... and the logit the ranking protocol ranks by: ctr = sigmoid(logit).
+    np.testing.assert_allclose(1 / (1 + np.exp(-scored[F.RANKING_OUTPUT].numpy())), candidates, rtol=1e-5)
     assert model.count_params() > 0
 
 

@@ -120,6 +120,10 @@ class Contract:
 SERVING_SIGNATURE = "serving_default"
 SERVING_INPUT = "examples"  # tf.string, (batch,)
 SERVING_OUTPUT = "ctr"  # tf.float32, (batch,)
+# `score_candidates` also returns the ctr's logit: float32 sigmoid is exactly 1.0 above a logit of
+# ~17, so a model trained under a ranking objective can tie the target with many negatives at
+# 1.0; ranking by the logit keeps their order.
+RANKING_OUTPUT = "logit"  # tf.float32, (candidates,)
 
 # Model inputs after preprocessing (integer indices; 0 is padding). Ids keep their feature
 # names; the mask is added.

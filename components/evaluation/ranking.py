@@ -265,11 +265,13 @@ def saved_model_scorer(model_dir: str) -> tuple:
         raise ValueError(f"the SavedModel in {model_dir!r} has no {F.SCORE_CANDIDATES_SIGNATURE!r} signature; "
                          f"it has {sorted(loaded.signatures)}")
     signature = loaded.signatures[F.SCORE_CANDIDATES_SIGNATURE]
+    # The logit where the export has it (ranks without float32 sigmoid ties at 1.0); older exports: ctr.
+    output = F.RANKING_OUTPUT if F.RANKING_OUTPUT in signature.structured_outputs else F.SERVING_OUTPUT
 
     def score(case, example, items, domains):
         out = signature(**{F.SERVING_INPUT: tf.constant([example]), F.CANDIDATE_ITEM_IDS: tf.constant(items),
                            F.CANDIDATE_DOMAINS: tf.constant(domains)})
-        return out[F.SERVING_OUTPUT].numpy().astype(np.float64)
+        return out[output].numpy().astype(np.float64)
 
     return contract, score, loaded
 
@@ -285,7 +287,7 @@ def keras_model_scorer(model, input_config) -> Scorer:
 
     def score(case, example, items, domains):
         out = module.score_candidates(tf.constant([example]), tf.constant(items), tf.constant(domains))
-        return out[F.SERVING_OUTPUT].numpy().astype(np.float64)
+        return out[F.RANKING_OUTPUT].numpy().astype(np.float64)
 
     return score
 

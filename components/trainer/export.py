@@ -49,8 +49,8 @@ class ServingModule(tf.Module):
         domains, known = preprocess.domain_index(candidate_domains, config.domains)
         tf.debugging.assert_equal(known, True, message=f"unknown candidate domain; known: {list(config.domains)}")
         items = preprocess.hash_ids(candidate_item_ids, config.item_buckets)
-        logits = self.model.score(context, items, domains, training=False)  # (N,)
-        return {F.SERVING_OUTPUT: tf.sigmoid(tf.cast(logits, tf.float32))}
+        logits = tf.cast(self.model.score(context, items, domains, training=False), tf.float32)  # (N,)
+        return {F.SERVING_OUTPUT: tf.sigmoid(logits), F.RANKING_OUTPUT: logits}
 
 
 def export(model, input_config: InputConfig, export_dir: str) -> str:
