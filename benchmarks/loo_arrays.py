@@ -20,11 +20,11 @@ TensorFlow. The models are backend-agnostic, so the protocol is split in two ste
     after every epoch), and ranks the test cases against `ranking.sample_negatives`'s 999
     negatives, drawn from the exported catalogue with the protocol's seeds.
 
-Differences from `quality.run_loo` (the TensorFlow path), chosen and measured there:
-  - cases are ranked by the model's logit (the served score is its sigmoid: the same order,
-    without float32 saturation making ties near 1);
-  - an epoch is one pass over the shuffled train-holdout clicks (tf.data shuffles through a
-    10,000-row buffer); the last batch of an epoch is smaller.
+Differences from `quality.run_loo` (the TensorFlow path):
+  - an epoch is one pass over the train-holdout clicks shuffled whole (tf.data shuffles
+    through `preprocess.SHUFFLE_BUFFER` rows); the last batch of an epoch is smaller;
+  - no SavedModel is exported: cases are ranked by the live model's logit, as the TF path
+    ranks by `score_candidates`' logit output.
 The results are `ranking.evaluate`-shaped dicts (`ranking.markdown` tables them).
 
   scripts/runtime python -m benchmarks.loo_arrays export --out outputs/loo-arrays
