@@ -94,7 +94,8 @@ def export(workdir: str, out_dir: str, history_length: int = F.DEFAULT_HISTORY_L
     """Writes the arrays (module docstring) of food-kitchen's leave-one-out set to `out_dir`.
 
     The input config (item buckets sized from the train part) is `model`'s, as the Trainer
-    resolves it; `train` refuses models whose inputs differ. Returns the meta dict."""
+    resolves it; `train` builds every model on it (and refuses `inputs` overrides). Returns the
+    meta dict."""
     import tensorflow as tf
 
     from benchmarks import quality
@@ -246,9 +247,11 @@ def batch_scorer(model, batch_size: int):
     return score
 
 
-def rank_cases(model, cases: RankingCases, batch_size: int = 64) -> dict:
-    """`ranking.evaluate_scorer`'s split result ("overall", "domain=<d>", "negative_shortfall")."""
-    score = batch_scorer(model, batch_size)
+def rank_cases(model, cases: RankingCases, batch_size: int = 64, score=None) -> dict:
+    """`ranking.evaluate_scorer`'s split result ("overall", "domain=<d>", "negative_shortfall").
+    `score`: the model's `batch_scorer(model, batch_size)`, made once by callers that rank often
+    (under JAX each new one compiles again)."""
+    score = score or batch_scorer(model, batch_size)
     ranks, ties = [], []
     for start in range(0, len(cases.codes), batch_size):
         rows = slice(start, start + batch_size)
@@ -271,13 +274,15 @@ def rank_cases(model, cases: RankingCases, batch_size: int = 64) -> dict:
 def _callbacks(model, valid: RankingCases, patience: int, deadline: Optional[float], log: list):
     import keras
 
+    score = batch_scorer(model, 64)  # compiled once, reads the weights of each epoch
+
     class ValidRanking(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.started = time.monotonic()
 
         def on_epoch_end(self, epoch, logs=None):
             trained = time.monotonic() - self.started
-            result = rank_cases(model, valid)[ranking.OVERALL]
+            result = rank_cases(model, valid, 64, score)[ranking.OVERALL]
             for metric in ("hr@10", "ndcg@10", "mrr"):
                 logs[f"val_ranking_{metric}"] = result[metric]
             log.append({"epoch": epoch + 1, "loss": float(logs.get("loss", float("nan"))), "train_s": round(trained, 2),
@@ -305,6 +310,9 @@ def train_one(name: str, overrides: dict, meta: dict, train_arrays: dict, catalo
 
     if objective not in OBJECTIVES:
         raise ValueError(f"`objective` must be one of {OBJECTIVES}. Received: objective={objective!r}")
+    if "inputs" in overrides:
+        raise ValueError(f"{name}: the exported arrays fix the model inputs ({meta['inputs']}); an `inputs` override "
+                         f"cannot apply to them (export again instead). Received: {overrides['inputs']}")
     keras.utils.set_random_seed(seed)
     config = models.resolve_config(name, {**overrides, "inputs": meta["inputs"]})
     model = models.build(name, config)
@@ -357,6 +365,9 @@ def run(data_dir: str, model_names: Sequence[str], seeds: Sequence[int], out: st
 
     started = time.monotonic()
     deadline = None if time_budget is None else started + time_budget
+    if not os.path.isfile(os.path.join(data_dir, META_FILE)):
+        raise FileNotFoundError(f"{data_dir!r} holds no {META_FILE}: not a directory written by "
+                                "`python -m benchmarks.loo_arrays export`")
     with open(os.path.join(data_dir, META_FILE)) as f:
         meta = json.load(f)
     catalogue = Catalogue.load(data_dir, meta["item_domains"])
@@ -401,7 +412,9 @@ def run(data_dir: str, model_names: Sequence[str], seeds: Sequence[int], out: st
                 model, info = train_one(name, overrides, meta, train_arrays, catalogue, valid, seed=seed,
                                         patience=patience, deadline=deadline, **options)
                 rank_started = time.monotonic()
-                splits = {ranking.VALID: rank_cases(model, valid), ranking.TEST: rank_cases(model, test)}
+                score = batch_scorer(model, 64)
+                splits = {ranking.VALID: rank_cases(model, valid, 64, score),
+                          ranking.TEST: rank_cases(model, test, 64, score)}
                 info["rank_seconds"] = round(time.monotonic() - rank_started, 1)
                 results.append({"run": _run_name(name, label), "model": name, "variant": variants[label],
                                 "seed": seed, "negatives": ranking.DEFAULT_NEGATIVES, "splits": splits,

@@ -147,3 +147,13 @@ def test_train_runs_under_jax_without_tensorflow(exported, tmp_path):
     assert run["environment"]["backend"] == "jax" and run["environment"]["same_negatives_as_export"] is True
     test = run["splits"][ranking.TEST][ranking.OVERALL]
     assert test["cases"] == 40 and 0.0 <= test["hr@10"] <= 1.0 and np.isfinite(test["mrr"])
+
+
+def test_bad_data_dir_and_inputs_overrides_are_refused_with_the_reason(exported, tmp_path):
+    data, _, _ = exported
+    with pytest.raises(FileNotFoundError, match="holds no meta.json"):
+        loo_arrays.run(str(tmp_path), ["sasrec"], [0], str(tmp_path / "r.json"))
+    with pytest.raises(ValueError, match="fix the model inputs"):
+        loo_arrays.run(data, ["sasrec"], [0], str(tmp_path / "r.json"), epochs=1,
+                       variants={"wide": {"inputs": {"item_buckets": 1024}}})
+    assert not os.path.exists(tmp_path / "r.json")  # nothing written for a refused run
