@@ -232,6 +232,15 @@ def _benchmark_models(args) -> tuple:
     return names, overrides
 
 
+def _cmd_benchmark_oracle(args) -> int:
+    from benchmarks import oracle
+
+    if args.users < 1 or not 0 < args.eval_fraction < 1:
+        raise UsageError(f"--users must be >= 1 and --eval-fraction in (0, 1); got {args.users}, {args.eval_fraction}")
+    oracle.run(args.users, args.seed, args.eval_fraction, args.out)
+    return 0
+
+
 def _cmd_benchmark_train(args) -> int:
     from benchmarks import train
 
@@ -415,6 +424,12 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--workdir", default="outputs/benchmark/ingest", help="generated logs and outputs")
     b.add_argument("--out", default="outputs/benchmark/ingest.json", help="JSON results")
     b.set_defaults(func=_cmd_benchmark_ingest)
+    b = bsub.add_parser("oracle", help="AUC ceilings of generated logs: the oracle less what a model cannot know")
+    b.add_argument("--users", type=int, default=20000, help="users of the generated log (the quality benchmark's)")
+    b.add_argument("--seed", type=int, default=0, help="the generated log's seed")
+    b.add_argument("--eval-fraction", type=float, default=0.2, help="eval = the last fraction of the events by time")
+    b.add_argument("--out", default="outputs/benchmark/oracle.json", help="JSON results")
+    b.set_defaults(func=_cmd_benchmark_oracle)
     b = bsub.add_parser("train", help="examples/s, AUC and GAUC of every model on generated logs")
     b.add_argument("--models", nargs="+", help="registered model names (default: all)")
     b.add_argument("--users", type=int, default=2000, help="users of the generated log")

@@ -11,7 +11,9 @@ Planted structure, so that cross-domain models have something to find:
     their first impressions there come with history from other domains only.
 
 Every record carries `oracle_ctr`, the true click probability the click was drawn from. Its AUC
-on an eval split is the ceiling no model can beat.
+on an eval split is the ceiling no model can beat. `LogGenerator.records_with_parts()` also gives
+each record's logit split into its planted terms (`LOGIT_PARTS`), for ceilings of what a model
+could know (`benchmarks/oracle.py`).
 
 Output is streamed user by user (each user's records in time order), so memory stays bounded by
 the item tables whatever the number of events.
@@ -31,6 +33,10 @@ from xdctr import features as F
 
 START_TS = 1_704_067_200  # 2024-01-01T00:00:00Z
 DAY = 86_400
+# The terms of a record's logit, in the order they are summed: the base rate, the user's group
+# taste and personal taste (together the shared, cross-domain taste), the domain-specific taste,
+# the drift towards recent clicks and the item's popularity.
+LOGIT_PARTS = ("base", "group_taste", "personal_taste", "domain_taste", "drift", "popularity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +96,8 @@ class LogGenerator:
         self.popularity_logit = np.log(self.popularity * c.items_per_domain)
         self._seed_sequence = np.random.SeedSequence(config.seed)
 
-    def _user(self, index: int) -> Iterator[dict]:
+    def _user(self, index: int) -> Iterator[tuple]:
+        """(record, logit parts) of user `index`, in time order; parts as in `LOGIT_PARTS`."""
         c = self.config
         rng = np.random.default_rng([c.seed, index])
         num_domains = len(c.domains)
@@ -115,13 +122,17 @@ class LogGenerator:
             d = active[int(rng.integers(len(active)))]
             item = int(rng.choice(c.items_per_domain, p=self.popularity[d]))
             v = self.item_vectors[d, item]
-            logit = (c.base_logit + c.shared_weight * shared @ v + c.domain_weight * specific[d] @ v
-                     + c.drift_weight * recent @ v * math.sqrt(c.dim)
-                     + c.popularity_weight * self.popularity_logit[d, item])
+            shared_part = c.shared_weight * shared @ v
+            domain_part = c.domain_weight * specific[d] @ v
+            drift_part = c.drift_weight * recent @ v * math.sqrt(c.dim)
+            popularity_part = c.popularity_weight * self.popularity_logit[d, item]
+            logit = c.base_logit + shared_part + domain_part + drift_part + popularity_part
             p = _sigmoid(logit)
             clicked = int(rng.random() < p)
             if clicked:
                 recent = 0.7 * recent + 0.3 * v * math.sqrt(c.dim)
+            group_part = c.shared_weight * self.group_taste[group] @ v
+            parts = (c.base_logit, group_part, shared_part - group_part, domain_part, drift_part, popularity_part)
             yield {
                 F.LOG_TS: int(START_TS + t),
                 F.LOG_USER_ID: f"u{index}",
@@ -129,9 +140,14 @@ class LogGenerator:
                 F.LOG_ITEM_ID: f"{c.domains[d]}:i{item}",
                 F.LOG_CLICKED: clicked,
                 F.LOG_ORACLE_CTR: round(p, 6),
-            }
+            }, dict(zip(LOGIT_PARTS, map(float, parts)))
 
     def records(self) -> Iterator[dict]:
+        for record, _ in self.records_with_parts():
+            yield record
+
+    def records_with_parts(self) -> Iterator[tuple]:
+        """(record, {part: value}) pairs; the parts of a record sum to its logit (see `LOGIT_PARTS`)."""
         for index in range(self.config.num_users):
             yield from self._user(index)
 
