@@ -16,7 +16,8 @@ against what the data allow:
 The split and the slice follow the ingestion's defaults: eval is the last `eval_fraction` of the
 events by time (events at the cutoff time included), and an impression is cold-start when the
 user has no click in its domain before its time but some in another. The `oracle` row matches
-the benchmarks' (same AUC), which checks that the two agree.
+the benchmarks' to four decimals (on the 20,000-user log the ingestion's eval split holds 9 more
+impressions of the 123,403), which checks that the two agree.
 """
 
 from __future__ import annotations
