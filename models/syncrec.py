@@ -307,6 +307,16 @@ class SyNCRec(CTRModel):
       cross-domain task: `encode_context` returns u (B, r), which does not depend on the domain,
       and `score` adds the candidate domain's bias, so candidates may mix domains.
 
+    Ranking objectives (`set_ranking_objective`, the leave-one-out protocol's training): the
+    sampled softmax (or full softmax) of `models.base` replaces `objective` in both tasks. Each
+    click row's single-domain and cross-domain logits u^t . M[v] + b_t are contrasted with the
+    same kind of logits of uniform items of the row's domain (drawn separately for the two tasks);
+    L^d_single and L^d_cross become the mean softmax cross-entropy of domain d's click rows, and
+    NTG, LC-NTG, SC-MIM and eq. 18 apply to them unchanged. This is the paper's own setting (eq.
+    8-9 rank a next item against negatives of its domain) with the softmax over several negatives
+    in place of one pairwise term. `score_items` (one matrix product) gives the full softmax.
+    Validation scores the served cross-domain task only (`models.base`'s loss on its logits).
+
     Ablations (paper sec. 5.5): `use_lc_ntg=False` sums the per-domain cross losses unweighted
     and has no lambda, alpha or beta; `use_sc_mim=False` drops the loss and W^H;
     `use_acmoe=False` removes every stop-gradient (a plain multi-gate MoE). The forward pass of
@@ -316,7 +326,6 @@ class SyNCRec(CTRModel):
     HISTORY_MASK, DOMAIN_HISTORY_ITEM_IDS and DOMAIN_HISTORY_MASK.
     """
 
-    supports_ranking_objective = False  # its own objectives (config.objective) replace the CTR loss
 
     def __init__(self, config: SyNCRecConfig, **kwargs):
         kwargs.setdefault("name", "syncrec")
@@ -461,6 +470,15 @@ class SyNCRec(CTRModel):
     def score(self, context, item, domain, training=False):
         return self._logit(context["user"], item, domain, self.cross_bias)  # (B,)
 
+    def score_items(self, context, items, domains, training=False):
+        """u . M[v] + b_t of every row against the same N items: (B, r), (N,), (N,) -> (B, N)."""
+        targets = ops.cast(self.item_embedding(items), "float32")  # (N, r)
+        logits = ops.matmul(ops.cast(context["user"], "float32"), ops.transpose(targets))  # (B, N)
+        if self.cross_bias is None:
+            return logits
+        return logits + ops.expand_dims(ops.take(ops.cast(self.cross_bias, "float32"), ops.cast(domains, "int32"),
+                                                 axis=0), 0)
+
     def call(self, inputs, training=False):
         if not training:
             return super().call(inputs, training=False)  # {ctr}: the cross-domain task only
@@ -479,7 +497,11 @@ class SyNCRec(CTRModel):
             "cross_logit": cross_logit,  # (B,)
             "single_logit": self._logit(single, item, domain, self.single_bias),  # (B,)
         }
-        if config.objective == "bpr":
+        if self._ranking is not None:  # a ranking objective replaces `objective` for both tasks
+            outputs["cross_ranking_logits"] = self.ranking_logits({"user": cross}, cross_logit, inputs, training)
+            outputs["single_ranking_logits"] = self.ranking_logits({"user": single}, outputs["single_logit"], inputs,
+                                                                   training)  # (B, 1 + N) each
+        elif config.objective == "bpr":
             targets = ops.cast(self.item_embedding(item), "float32")  # (B, r)
             # (B, B): row i's user representation against every row's target, u_i . M[v_j].
             outputs["cross_scores"] = ops.matmul(ops.cast(cross, "float32"), ops.transpose(targets))
@@ -497,13 +519,21 @@ class SyNCRec(CTRModel):
         """Per-domain losses of a training batch from `call(training=True)` outputs.
 
         Returns a dict of (D,) float32 tensors: "single" (L^d_single), "cross" (L^d_cross),
-        "present" (bool: domain d has rows, or pairs for "bpr"), and with SC-MIM "sc_mim"
+        "present" (bool: domain d has rows, pairs for "bpr", click rows under a ranking objective), and with SC-MIM "sc_mim"
         (L^d_SC-MIM). Absent domains get 0.
         """
         labels = ops.cast(ops.reshape(labels, (-1,)), "float32")  # (B,)
         domain = ops.cast(inputs[F.DOMAIN], "int32")  # (B,)
         rows = ops.one_hot(domain, self.num_domains, dtype="float32")  # (B, D)
-        if self.config.objective == "bce":
+        if "cross_ranking_logits" in outputs:  # the ranking objective: softmax cross-entropy of each click
+            clicks = rows * ops.expand_dims(ops.cast(labels > 0.5, "float32"), 1)  # (B, D)
+            counts = ops.sum(clicks, axis=0)  # (D,)
+            totals = {}
+            for task in ("single", "cross"):
+                logits = ops.cast(outputs[f"{task}_ranking_logits"], "float32")  # (B, 1 + N)
+                per_row = ops.logsumexp(logits, axis=-1) - logits[:, 0]  # (B,)
+                totals[task] = ops.einsum("bd,b->d", clicks, per_row)  # (D,)
+        elif self.config.objective == "bce":
             counts = ops.sum(rows, axis=0)  # (D,)
             per_row = {task: ops.binary_crossentropy(labels, outputs[f"{task}_logit"], from_logits=True)
                        for task in ("single", "cross")}  # (B,) each

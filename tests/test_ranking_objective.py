@@ -31,12 +31,11 @@ def _inputs(config, items, domains):
     return x
 
 
-def test_the_models_without_the_objective_are_syncrec_and_recguru():
-    assert set(models.names()) - set(RANKING_MODELS) == {"syncrec", "recguru"}
-    for name in ("syncrec", "recguru"):
-        model = models.build(name, models.resolve_config(name, INPUTS))
-        with pytest.raises(ValueError, match="trains its own objective"):
-            model.set_ranking_objective([[1], [2]], 4)
+def test_the_model_without_the_objective_is_recguru():
+    assert set(models.names()) - set(RANKING_MODELS) == {"recguru"}
+    model = models.build("recguru", models.resolve_config("recguru", INPUTS))
+    with pytest.raises(ValueError, match="trains its own objective"):
+        model.set_ranking_objective([[1], [2]], 4)
 
 
 @pytest.mark.parametrize("name", RANKING_MODELS)
@@ -63,8 +62,8 @@ def test_ranking_logits_are_the_candidate_then_the_sampled_items_of_its_domain(n
     assert set(model(x, training=False)) == {F.SERVING_OUTPUT}
 
 
-def test_the_models_with_a_batched_scorer_are_sasrec_and_bilinear_recency():
-    assert set(FULL_SOFTMAX_MODELS) == {"sasrec", "bilinear_recency"}
+def test_the_models_with_a_batched_scorer_are_sasrec_bilinear_recency_and_syncrec():
+    assert set(FULL_SOFTMAX_MODELS) == {"sasrec", "bilinear_recency", "syncrec"}
     for name in set(RANKING_MODELS) - set(FULL_SOFTMAX_MODELS):
         model = models.build(name, models.resolve_config(name, INPUTS))
         with pytest.raises(ValueError, match="no batched scorer"):

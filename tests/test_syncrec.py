@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import models.base
 import models.syncrec  # noqa: F401  (registers "syncrec")
 from components.ingest import sequences
 from components.ingest.records import Impression
@@ -413,6 +414,45 @@ def test_bpr_objective_by_hand_and_its_gradients():
     before = _training_loss(model, real_inputs, real_labels)
     model.train_on_batch(real_inputs, {F.SERVING_OUTPUT: real_labels})
     assert _training_loss(model, real_inputs, real_labels) < before
+
+
+def test_sampled_softmax_replaces_the_task_losses_and_keeps_ntg_and_sc_mim():
+    model, config = _model(ntg_beta=1.0)
+    rows = _rows()
+    inputs, labels = _inputs(rows, config), _labels(rows)
+    domain_items = [np.arange(1, 20, dtype="int32"), np.arange(30, 50, dtype="int32")]
+    model.set_ranking_objective(domain_items, 6, seed=3)
+    outputs = model(inputs, training=True)
+    cross, single = _np(outputs["cross_ranking_logits"]), _np(outputs["single_ranking_logits"])
+    assert cross.shape == single.shape == (len(rows), 7)
+    np.testing.assert_allclose(cross[:, 0], _np(outputs["cross_logit"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(single[:, 0], _np(outputs["single_logit"]), rtol=1e-5, atol=1e-6)
+    assert np.abs(cross[:, 1:] - single[:, 1:]).max() > 1e-3  # two users (and two draws) per row
+    # By hand: L^d = mean over domain d's click rows of logsumexp(logits) - logits[0]; non-clicks add nothing.
+    losses = model.task_losses(inputs, labels, outputs)
+    domain = _np(inputs[F.DOMAIN])
+    clicked = _np(labels).reshape(-1) > 0.5
+    for task, logits in (("cross", cross), ("single", single)):
+        per_row = np.log(np.exp(logits.astype("float64")).sum(axis=1)) - logits[:, 0]
+        expected = [per_row[clicked & (domain == d)].mean() for d in range(2)]
+        np.testing.assert_allclose(_np(losses[task]), expected, rtol=1e-4)
+    assert _np(losses["present"]).tolist() == [bool((clicked & (domain == d)).any()) for d in range(2)]
+    assert np.all(_np(losses["sc_mim"]) > 0)  # SC-MIM stays in eq. 18
+    # The non-click rows do not move the loss: relabelling them changes nothing.
+    flipped = model.task_losses(inputs, np.where(clicked, 1.0, 0.0).astype("float32"), outputs)
+    np.testing.assert_allclose(_np(flipped["cross"]), _np(losses["cross"]), rtol=1e-6)
+    # Training lowers eq. 18 and moves lambda; validation reads the served task's sampled softmax.
+    _compile(model, 3e-3)
+    before = _training_loss(model, inputs, labels)
+    for _ in range(3):
+        model.train_on_batch(inputs, {F.SERVING_OUTPUT: labels})
+    assert _training_loss(model, inputs, labels) < before
+    assert abs(_lambdas(model) - 0.5).max() > 1e-4
+    served = model(inputs, training=False)
+    assert set(served) == {F.SERVING_OUTPUT, models.base.RANKING_LOGITS}
+    model.clear_ranking_objective()
+    assert set(model(inputs, training=True)) >= {"cross_logit", "single_logit"}
+    assert "cross_ranking_logits" not in model(inputs, training=True)
 
 
 @pytest.mark.parametrize("use_acmoe", [True, False])
