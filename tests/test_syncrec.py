@@ -438,6 +438,14 @@ def test_sampled_softmax_replaces_the_task_losses_and_keeps_ntg_and_sc_mim():
         np.testing.assert_allclose(_np(losses[task]), expected, rtol=1e-4)
     assert _np(losses["present"]).tolist() == [bool((clicked & (domain == d)).any()) for d in range(2)]
     assert np.all(_np(losses["sc_mim"]) > 0)  # SC-MIM stays in eq. 18
+    # LC-NTG reads the gaps on the log loss's scale: phi * log 2 / log(1 + 6 negatives).
+    model.ntg.lambdas.assign([0.5, 0.5])
+    scaled = (_np(losses["single"]) - _np(losses["cross"])) * math.log(2) / math.log(7)
+    expected = _np(model.ntg(tf.constant(scaled, tf.float32), losses["present"]))
+    unscaled = _np(model.ntg(tf.constant(scaled * math.log(7) / math.log(2), tf.float32), losses["present"]))
+    model.compute_loss(x=inputs, y={F.SERVING_OUTPUT: labels}, y_pred=outputs, training=True)
+    np.testing.assert_allclose(_lambdas(model), expected, rtol=1e-5)
+    assert np.abs(expected - unscaled).max() > 1e-4  # the scale does change lambda here
     # The non-click rows do not move the loss: relabelling them changes nothing.
     flipped = model.task_losses(inputs, np.where(clicked, 1.0, 0.0).astype("float32"), outputs)
     np.testing.assert_allclose(_np(flipped["cross"]), _np(losses["cross"]), rtol=1e-6)
