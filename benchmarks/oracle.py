@@ -91,10 +91,13 @@ def ceilings(columns: dict, eval_fraction: float = 0.2) -> dict:
 
 
 def markdown(result: dict) -> str:
+    """The ceilings as a table; "n/a" where a slice has one class only (no AUC)."""
+    cell = lambda value: "n/a" if value is None else f"{value:.4f}"  # noqa: E731
     lines = ["| ceiling | AUC | GAUC | cold-start AUC | cold-start GAUC |", "| --- | ---: | ---: | ---: | ---: |"]
     for name in CEILINGS:
         overall, cold = result["overall"][name], result["cold_start"][name]
-        lines.append(f"| {name} | {overall['auc']:.4f} | {overall['gauc']:.4f} | {cold['auc']:.4f} | {cold['gauc']:.4f} |")
+        lines.append(f"| {name} | {cell(overall['auc'])} | {cell(overall['gauc'])} | {cell(cold['auc'])} | "
+                     f"{cell(cold['gauc'])} |")
     return "\n".join(lines)
 
 

@@ -77,3 +77,9 @@ def test_ceilings_order_and_the_oracle_row_is_the_oracle_ctrs_auc(tmp_path):
     written = json.loads(out.read_text())
     assert set(written["results"]) == {"overall", "cold_start"}
     assert set(written["results"]["overall"]) == set(oracle.CEILINGS)
+
+
+def test_a_log_too_small_for_a_cold_start_slice_prints_n_a(tmp_path):
+    result = oracle.run(1, 0, 0.2, str(tmp_path / "one.json"))  # one user: no cold-start impressions
+    assert result["cold_start"]["oracle"]["examples"] == 0 and result["cold_start"]["oracle"]["auc"] is None
+    assert "| oracle | " in oracle.markdown(result) and "n/a" in oracle.markdown(result)

@@ -96,8 +96,8 @@ class LogGenerator:
         self.popularity_logit = np.log(self.popularity * c.items_per_domain)
         self._seed_sequence = np.random.SeedSequence(config.seed)
 
-    def _user(self, index: int) -> Iterator[tuple]:
-        """(record, logit parts) of user `index`, in time order; parts as in `LOGIT_PARTS`."""
+    def _user(self, index: int, with_parts: bool = False) -> Iterator:
+        """Records of user `index` in time order; with `with_parts`, (record, {part: value}) pairs."""
         c = self.config
         rng = np.random.default_rng([c.seed, index])
         num_domains = len(c.domains)
@@ -131,25 +131,29 @@ class LogGenerator:
             clicked = int(rng.random() < p)
             if clicked:
                 recent = 0.7 * recent + 0.3 * v * math.sqrt(c.dim)
-            group_part = c.shared_weight * self.group_taste[group] @ v
-            parts = (c.base_logit, group_part, shared_part - group_part, domain_part, drift_part, popularity_part)
-            yield {
+            record = {
                 F.LOG_TS: int(START_TS + t),
                 F.LOG_USER_ID: f"u{index}",
                 F.LOG_DOMAIN: c.domains[d],
                 F.LOG_ITEM_ID: f"{c.domains[d]}:i{item}",
                 F.LOG_CLICKED: clicked,
                 F.LOG_ORACLE_CTR: round(p, 6),
-            }, dict(zip(LOGIT_PARTS, map(float, parts)))
+            }
+            if not with_parts:
+                yield record
+                continue
+            group_part = c.shared_weight * self.group_taste[group] @ v
+            parts = (c.base_logit, group_part, shared_part - group_part, domain_part, drift_part, popularity_part)
+            yield record, dict(zip(LOGIT_PARTS, map(float, parts)))
 
     def records(self) -> Iterator[dict]:
-        for record, _ in self.records_with_parts():
-            yield record
+        for index in range(self.config.num_users):
+            yield from self._user(index)
 
     def records_with_parts(self) -> Iterator[tuple]:
         """(record, {part: value}) pairs; the parts of a record sum to its logit (see `LOGIT_PARTS`)."""
         for index in range(self.config.num_users):
-            yield from self._user(index)
+            yield from self._user(index, with_parts=True)
 
 
 def write_jsonl(config: GeneratorConfig, out: TextIO) -> int:
