@@ -109,15 +109,29 @@ def test_worker_options_offset_the_monitoring_port():
     assert processes.worker_options(free, 1, 8500, 8501).rest_api_port == 8501
 
 
-def test_xdctr_serve_processes_serves_until_sigterm(tmp_path):
-    """The command line: `xdctr serve --processes 2` logs the group, answers, and exits 0 on SIGTERM."""
+@pytest.mark.parametrize("entry", ["python -m xdctr", "xdctr"])
+def test_xdctr_serve_processes_serves_until_sigterm(tmp_path, entry):
+    """The command line: `xdctr serve --processes 2` logs the group, answers, and exits 0 on SIGTERM.
+
+    Both ways of starting it: `python -m xdctr`, and the `xdctr` script on the runtime's PATH
+    (scripts/setup-runtime writes it). The workers start with multiprocessing's "spawn", which runs
+    the main script again in each of them; an unguarded script started the command again there
+    and every worker exited 1.
+    """
+    import shutil
     import signal
     import subprocess
     import sys
     import time
 
     log = open(tmp_path / "serve.log", "w+")
-    command = [sys.executable, "-m", "xdctr", "serve", f"--model_base_path={FIXTURES / MODELS[HALF_PLUS_TWO]}",
+    if entry == "xdctr":
+        executable = shutil.which("xdctr")
+        assert executable is not None, "no `xdctr` on PATH: run the tests in the runtime (scripts/runtime)"
+        start = [executable]
+    else:
+        start = [sys.executable, "-m", "xdctr"]
+    command = [*start, "serve", f"--model_base_path={FIXTURES / MODELS[HALF_PLUS_TWO]}",
                f"--model_name={HALF_PLUS_TWO}", "--port=0", "--host=127.0.0.1", "--processes=2"]
     child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
