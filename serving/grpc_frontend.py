@@ -4,7 +4,9 @@ The services run on a `grpc.aio` server whose event loop has a thread of its own
 decoded, checked and answered on that one thread, and waits for the model without holding a
 thread (`serving.inference.run_steps_async`): a batched request awaits its batch, an unbatched
 model call runs on a pool of `max_workers` threads. Few threads means few hand-offs of Python's
-GIL per request, the main cost of serving small models from Python.
+GIL per request, the main cost of serving small models from Python. A batch's results reach the
+loop through one `serving.inference.LoopDelivery`: one wake-up of the loop per batch, not one per
+request (on 2 cores, 16 clients of 4 rows, 2 processes: 8-15% more QPS in three paired runs).
 
 The servicers translate between gRPC and the layers below (`serving.inference`,
 `serving.admin`): a `ServingError` becomes its status code, any other exception INTERNAL (logged
@@ -29,7 +31,7 @@ from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_p
 
 from serving.admin import ModelAdmin
 from serving.config import MAX_MESSAGE_BYTES
-from serving.inference import Inference, run_steps_async
+from serving.inference import Inference, LoopDelivery, run_steps_async
 from serving.monitoring import RequestLabels
 from serving.status import status_of
 
@@ -44,9 +46,10 @@ HEALTH_THREADS = 2  # health checks are answered by the sync servicer of grpc_he
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """gRPC front of an `Inference`: maps its errors to status codes, counts and times requests."""
 
-    def __init__(self, inference: Inference, executor: futures.Executor):
+    def __init__(self, inference: Inference, executor: futures.Executor, delivery: Optional[LoopDelivery] = None):
         self.inference = inference
         self._executor = executor
+        self._delivery = delivery
 
     async def _call(self, api: str, request, context):
         labels = RequestLabels()
@@ -57,7 +60,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 response = self.inference.get_model_metadata(request, labels=labels)
             else:
                 steps = self.inference.steps(api, request, labels)
-                response = await run_steps_async(steps, self._executor)  # gRPC cancels it at the deadline
+                response = await run_steps_async(steps, self._executor, self._delivery)  # gRPC cancels it at the deadline
         except Exception as e:
             code, message = status_of(e)
             if code == grpc.StatusCode.INTERNAL:
@@ -135,7 +138,7 @@ class GrpcServer:
                 ],
             )
             prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-                PredictionServicer(inference, self._executor), server)
+                PredictionServicer(inference, self._executor, LoopDelivery(self._loop)), server)
             model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(admin, self._executor), server)
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
             return server

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from concurrent import futures
 from typing import Callable, Generator, Mapping, Optional, Union
 
@@ -87,9 +88,59 @@ def run_steps(steps: Steps, deadline: Optional[float] = None):
     return step
 
 
-async def run_steps_async(steps: Steps, executor: futures.Executor):
+class LoopDelivery:
+    """Hands results of futures resolved on other threads to one event loop, a wake-up per burst.
+
+    `asyncio.wrap_future` wakes the loop once per future (a write to its self-pipe, then an epoll
+    return and a read). A batch resolves all its tasks' futures back to back, so here the first
+    result of a burst schedules one drain on the loop and the rest join its list: a batch of 12
+    requests wakes the loop once, not 12 times.
+
+    Cancelling the awaitable that `wrap` returns cancels the concurrent future, as with
+    `asyncio.wrap_future` (a batch task leaves its batch if that has not started).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Future, futures.Future]] = []
+
+    def wrap(self, future: futures.Future) -> asyncio.Future:
+        """An asyncio future of this loop (call it on the loop) that settles as `future` does."""
+        waiter = self._loop.create_future()
+        waiter.add_done_callback(lambda w: future.cancel() if w.cancelled() else None)
+        future.add_done_callback(lambda f: self._resolved(waiter, f))
+        return waiter
+
+    def _resolved(self, waiter: asyncio.Future, future: futures.Future) -> None:  # any thread
+        with self._lock:
+            self._pending.append((waiter, future))
+            first = len(self._pending) == 1
+        if first:
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed: nobody awaits these any more
+                with self._lock:
+                    self._pending.clear()
+
+    def _drain(self) -> None:  # on the loop
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for waiter, future in pending:
+            if waiter.done():
+                continue
+            if future.cancelled():
+                waiter.cancel()
+            elif (error := future.exception()) is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(future.result())
+
+
+async def run_steps_async(steps: Steps, executor: futures.Executor, delivery: Optional[LoopDelivery] = None):
     """Drives a request's steps from an event loop: model calls on `executor`, batches awaited.
 
+    Batch results reach the loop through `delivery` (one per loop; `asyncio.wrap_future` without).
     The caller's deadline is the event loop's to enforce: cancelling this coroutine (gRPC does at
     the call's deadline) cancels the awaited batch future, whose task then leaves its batch.
     """
@@ -100,7 +151,7 @@ async def run_steps_async(steps: Steps, executor: futures.Executor):
             done, step = _advance(steps, await loop.run_in_executor(executor, step))
             continue
         try:
-            value = await asyncio.wrap_future(step)
+            value = await (delivery.wrap(step) if delivery is not None else asyncio.wrap_future(step))
         except BatchingError as e:
             raise _batch_failure(e) from None
         done, step = _advance(steps, value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent import futures
@@ -23,6 +24,7 @@ from serving.batching import (
     TaskTooLargeError,
 )
 from serving.config import ServerOptions
+from serving.inference import LoopDelivery
 from serving.status import ServingError
 from test_serving import MODEL_NAME, metric_value, predict_request, save_toy_model, scores_of, sigmoid
 from xdctr import features as F
@@ -153,6 +155,102 @@ def test_stop_runs_queued_tasks_then_refuses_new_ones():
     assert (first.result(0)["y"].tolist(), queued.result(0)["y"].tolist()) == ([2], [4])
     with pytest.raises(SchedulerStoppedError):
         scheduler.submit(KEY, run, rows(3), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoopDelivery: a batch's results reach the gRPC event loop with one wake-up.
+
+
+class CountingLoop:
+    """An event loop on a thread of its own that counts `call_soon_threadsafe` calls (its wake-ups)."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.wakeups = 0
+        original = self.loop.call_soon_threadsafe
+
+        def counting(*args, **kwargs):
+            self.wakeups += 1
+            return original(*args, **kwargs)
+
+        self.loop.call_soon_threadsafe = counting
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(WAIT_SECONDS)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(WAIT_SECONDS)
+        self.loop.close()
+
+
+@pytest.fixture
+def counting_loop():
+    loop = CountingLoop()
+    yield loop
+    loop.close()
+
+
+def test_a_burst_of_results_wakes_the_loop_once(counting_loop):
+    delivery = LoopDelivery(counting_loop.loop)
+    tasks = [futures.Future() for _ in range(12)]
+
+    async def await_all():
+        waiters = [delivery.wrap(task) for task in tasks]
+        await asyncio.sleep(0)  # every waiter registered before the batch resolves
+        burst = threading.Thread(target=lambda: [t.set_result({"y": np.array([i])}) for i, t in enumerate(tasks)])
+        counting_loop.wakeups = 0
+        burst.start()
+        results = await asyncio.gather(*waiters)
+        burst.join()
+        return results
+
+    results = counting_loop.run(await_all())
+    assert [int(r["y"][0]) for r in results] == list(range(12))
+    # One drain for the burst; a second only if the loop drained before the thread's last result.
+    assert 1 <= counting_loop.wakeups <= 2, counting_loop.wakeups
+
+
+def test_asyncio_wrap_future_wakes_the_loop_once_per_result(counting_loop):
+    """What LoopDelivery saves: the standard wrapper's wake-ups, for the same burst of 12."""
+    tasks = [futures.Future() for _ in range(12)]
+
+    async def await_all():
+        waiters = [asyncio.wrap_future(task) for task in tasks]
+        counting_loop.wakeups = 0
+        burst = threading.Thread(target=lambda: [t.set_result(i) for i, t in enumerate(tasks)])
+        burst.start()
+        results = await asyncio.gather(*waiters)
+        burst.join()
+        return results
+
+    assert counting_loop.run(await_all()) == list(range(12))
+    assert counting_loop.wakeups == 12
+
+
+def test_delivery_passes_errors_and_cancellation_both_ways(counting_loop):
+    delivery = LoopDelivery(counting_loop.loop)
+    failed, abandoned, cancelled, done_before = (futures.Future() for _ in range(4))
+    done_before.set_result("early")
+
+    async def scenario():
+        failing = delivery.wrap(failed)
+        failed.set_exception(BatchQueueFullError("full"))
+        with pytest.raises(BatchQueueFullError, match="full"):
+            await failing
+        waiter = delivery.wrap(abandoned)
+        waiter.cancel()  # the caller's deadline: the batch task must leave its batch
+        await asyncio.sleep(0)
+        gone = delivery.wrap(cancelled)
+        cancelled.cancel()  # the scheduler dropped the task
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        return await delivery.wrap(done_before)  # already resolved when wrapped
+
+    assert counting_loop.run(scenario()) == "early"
+    assert abandoned.cancelled()
 
 
 @pytest.mark.parametrize(
