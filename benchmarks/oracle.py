@@ -11,7 +11,16 @@ against what the data allow:
 - group taste, no personal or domain taste: the user's latent group (one of `num_groups`) known,
   the rest of their taste not;
 - without the drift: no use of the recent clicks;
-- popularity only.
+- popularity only;
+- posterior: what the user's earlier impressions can tell, at best. Each impression is scored
+  with P(click | every impression of the user at an earlier time, clicked or not, and the
+  generator's exact parameters), the taste the generator drew (group, personal and domain
+  taste) integrated out by importance sampling from its prior (`posterior_logits`). The drift
+  and popularity terms are functions of the earlier clicks and the item, so they enter as they
+  are. Thresholding this probability is the most powerful test of a click given that
+  information (Neyman-Pearson), and every model's inputs (the earlier clicks, the target, the
+  times) are a function of it, so its AUC bounds every model's, up to the sampling's error. A
+  cold-start impression's posterior knows the user's other domains, and their non-clicks too.
 
 The split and the slice follow the ingestion's defaults: eval is the last `eval_fraction` of the
 events by time (events at the cutoff time included), and an impression is cold-start when the
@@ -24,7 +33,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+import time
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -42,13 +52,18 @@ CEILINGS = {
 }
 
 
+POSTERIOR = "posterior"
+DEFAULT_SAMPLES_PER_GROUP = 256
+
+
 def events(records_with_parts: Iterable[tuple]) -> dict:
-    """Columns of the events: user, ts, label, cold_start (bool) and one column per logit part.
+    """Columns of the events: user, ts, label, cold_start (bool), domain and item (the record's
+    ids, "" when absent) and one column per logit part.
 
     Records must come user by user, each user's in time order (as the generator writes them).
     cold_start: no click of the user in the record's domain at an earlier time, some elsewhere.
     """
-    columns = {name: [] for name in ("user", "ts", "label", "cold_start", *generator.LOGIT_PARTS)}
+    columns = {name: [] for name in ("user", "ts", "label", "cold_start", "domain", "item", *generator.LOGIT_PARTS)}
     user, clicks, pending, last_ts = None, {}, [], None
     for record, parts in records_with_parts:
         ts, domain = record[F.LOG_TS], record[F.LOG_DOMAIN]
@@ -63,6 +78,8 @@ def events(records_with_parts: Iterable[tuple]) -> dict:
         columns["ts"].append(ts)
         columns["label"].append(record[F.LOG_CLICKED])
         columns["cold_start"].append(in_domain == 0 and sum(clicks.values()) > in_domain)
+        columns["domain"].append(domain)
+        columns["item"].append(record.get(F.LOG_ITEM_ID, ""))
         for name in generator.LOGIT_PARTS:
             columns[name].append(parts[name])
         if record[F.LOG_CLICKED]:
@@ -76,15 +93,87 @@ def eval_mask(ts: np.ndarray, eval_fraction: float) -> np.ndarray:
     return ts >= ordered[min(len(ordered) - 1, int((1 - eval_fraction) * len(ordered)))]
 
 
-def ceilings(columns: dict, eval_fraction: float = 0.2) -> dict:
-    """{slice: {ceiling: {auc, gauc, examples}}} for the slices "overall" and "cold_start"."""
+def _softplus(x: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0.0, x)
+
+
+def posterior_logits(columns: dict, log: generator.LogGenerator, samples_per_group: int = DEFAULT_SAMPLES_PER_GROUP,
+                     seed: int = 0, rows: Optional[np.ndarray] = None) -> np.ndarray:
+    """Logit of P(click | the user's impressions at earlier times) for each row (see the docstring).
+
+    The generator draws a user's taste as shared = group_taste[g] + personal_scale * n and
+    specific_d = domain_scale * z_d (g uniform, n and z_d standard normal), and the logit of an
+    impression of item vector v in domain d as
+        base + shared_weight * shared . v + domain_weight * specific_d . v + drift + popularity.
+    S = num_groups * samples_per_group draws of (g, n, z) from that prior (the same draws for
+    every user; g stratified, `samples_per_group` per group) are weighted, for an impression k,
+    by the likelihood of the user's impressions j with ts_j < ts_k (clicked or not), and the
+    click probability is the weighted mean of each draw's sigmoid(logit_k). The first impression
+    of a user gets the prior mean.
+
+    Args:
+      columns: `events` of a log `log` wrote (user by user, in time order; with domain and item).
+      log: the generator of that log (its item vectors and group tastes).
+      samples_per_group: draws per group.
+      seed: seed of the draws.
+      rows: a boolean mask of the rows to score (others are only conditioned on); None: all.
+
+    Returns:
+      (num_rows,) logits; NaN where `rows` is False.
+    """
+    config = log.config
+    rng = np.random.default_rng(seed)
+    num_domains = len(config.domains)
+    groups = np.repeat(np.arange(config.num_groups), samples_per_group)  # (S,)
+    shared = log.group_taste[groups] + config.personal_scale * rng.normal(size=(len(groups), config.dim))  # (S, dim)
+    specific = config.domain_scale * rng.normal(size=(len(groups), num_domains, config.dim))  # (S, D, dim)
+    taste = config.shared_weight * shared[:, None, :] + config.domain_weight * specific  # (S, D, dim)
+
+    domain_index = {name: d for d, name in enumerate(config.domains)}
+    domains = np.array([domain_index[name] for name in columns["domain"]])
+    items = np.array([int(item.rsplit(":i", 1)[1]) for item in columns["item"]])
+    vectors = log.item_vectors[domains, items]  # (N, dim)
+    rest = columns["base"] + columns["drift"] + columns["popularity"]  # (N,): known given the earlier clicks
+    labels = columns["label"].astype(bool)
+    wanted = np.ones(len(labels), bool) if rows is None else np.asarray(rows, bool)
+    out = np.full(len(labels), np.nan)
+
+    users = columns["user"]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    for start, end in zip(starts, np.r_[starts[1:], len(users)]):
+        if not wanted[start:end].any():
+            continue
+        user_domains, ts = domains[start:end], columns["ts"][start:end]
+        logits = np.einsum("skd,kd->sk", taste[:, user_domains, :], vectors[start:end]) + rest[start:end]  # (S, K)
+        # log-likelihood of each impression under each draw: log sigmoid(+-logit)
+        loglik = -_softplus(np.where(labels[start:end], -logits, logits))  # (S, K)
+        before = np.concatenate([np.zeros((len(groups), 1)), np.cumsum(loglik, axis=1)], axis=1)  # (S, K+1)
+        first_at_time = np.searchsorted(ts, ts, side="left")  # impressions at the same time are not earlier
+        keep = np.flatnonzero(wanted[start:end])
+        weights = before[:, first_at_time[keep]]  # (S, kept): log weights
+        weights = np.exp(weights - weights.max(axis=0, keepdims=True))
+        ctr = np.sum(weights / (1.0 + np.exp(-logits[:, keep])), axis=0) / weights.sum(axis=0)  # (kept,)
+        ctr = np.clip(ctr, 1e-12, 1 - 1e-12)
+        out[start + keep] = np.log(ctr) - np.log1p(-ctr)
+    return out
+
+
+def ceilings(columns: dict, eval_fraction: float = 0.2, posterior: Optional[np.ndarray] = None) -> dict:
+    """{slice: {ceiling: {auc, gauc, examples}}} for the slices "overall" and "cold_start".
+
+    `posterior`: `posterior_logits` of (at least) the eval rows, for the posterior row.
+    """
     in_eval = eval_mask(columns["ts"], eval_fraction)
     result = {}
+    scorers = {name: (lambda mask, parts=parts: np.sum([columns[part][mask] for part in parts], axis=0))
+               for name, parts in CEILINGS.items()}
+    if posterior is not None:
+        scorers[POSTERIOR] = lambda mask: posterior[mask]
     for slice_name, mask in (("overall", in_eval), ("cold_start", in_eval & columns["cold_start"])):
         labels, users = columns["label"][mask], columns["user"][mask]
         result[slice_name] = {}
-        for name, parts in CEILINGS.items():
-            logit = np.sum([columns[part][mask] for part in parts], axis=0)
+        for name, scorer in scorers.items():
+            logit = scorer(mask)
             gauc, _, _ = metrics.gauc(users, labels, logit)
             result[slice_name][name] = {"auc": metrics.auc(labels, logit), "gauc": gauc, "examples": int(mask.sum())}
     return result
@@ -94,23 +183,42 @@ def markdown(result: dict) -> str:
     """The ceilings as a table; "n/a" where a slice has one class only (no AUC)."""
     cell = lambda value: "n/a" if value is None else f"{value:.4f}"  # noqa: E731
     lines = ["| ceiling | AUC | GAUC | cold-start AUC | cold-start GAUC |", "| --- | ---: | ---: | ---: | ---: |"]
-    for name in CEILINGS:
+    for name in result["overall"]:
         overall, cold = result["overall"][name], result["cold_start"][name]
         lines.append(f"| {name} | {cell(overall['auc'])} | {cell(overall['gauc'])} | {cell(cold['auc'])} | "
                      f"{cell(cold['gauc'])} |")
     return "\n".join(lines)
 
 
-def run(users: int, seed: int, eval_fraction: float, out: str) -> dict:
+def run(users: int, seed: int, eval_fraction: float, out: str,
+        samples_per_group: int = DEFAULT_SAMPLES_PER_GROUP, posterior_seed: int = 0) -> dict:
+    """Prints the ceilings of the generated log (`users`, `seed`) and writes them to `out`.
+
+    samples_per_group: the posterior's draws per group; 0 leaves the posterior row out.
+    """
     config = generator.GeneratorConfig(num_users=users, seed=seed)
-    result = ceilings(events(generator.LogGenerator(config).records_with_parts()), eval_fraction)
+    log = generator.LogGenerator(config)
+    columns = events(log.records_with_parts())
+    posterior, seconds = None, None
+    if samples_per_group > 0:
+        started = time.perf_counter()
+        in_eval = eval_mask(columns["ts"], eval_fraction)
+        posterior = posterior_logits(columns, log, samples_per_group, posterior_seed, rows=in_eval)
+        seconds = time.perf_counter() - started
+    result = ceilings(columns, eval_fraction, posterior)
     print(f"generated log: {users} users, seed {seed}; eval = the last {eval_fraction:g} of the events "
           f"({result['overall']['oracle']['examples']} impressions, {result['cold_start']['oracle']['examples']} "
-          f"cold-start)\n")
+          f"cold-start)")
+    if posterior is not None:
+        print(f"posterior: {config.num_groups} x {samples_per_group} draws (seed {posterior_seed}), {seconds:.0f} s")
+    print()
     print(markdown(result))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"users": users, "seed": seed, "eval_fraction": eval_fraction,
-                   "ceilings": {name: list(parts) for name, parts in CEILINGS.items()}, "results": result}, f, indent=2)
+                   "ceilings": {name: list(parts) for name, parts in CEILINGS.items()},
+                   "posterior": None if posterior is None else {
+                       "samples_per_group": samples_per_group, "seed": posterior_seed, "seconds": seconds},
+                   "results": result}, f, indent=2)
     print(f"\nwrote {out}")
     return result

@@ -76,10 +76,88 @@ def test_ceilings_order_and_the_oracle_row_is_the_oracle_ctrs_auc(tmp_path):
     oracle.run(SMALL["num_users"], SMALL["seed"], 0.2, str(out))  # run() builds the default config but users/seed
     written = json.loads(out.read_text())
     assert set(written["results"]) == {"overall", "cold_start"}
-    assert set(written["results"]["overall"]) == set(oracle.CEILINGS)
+    assert set(written["results"]["overall"]) == set(oracle.CEILINGS) | {oracle.POSTERIOR}
 
 
 def test_a_log_too_small_for_a_cold_start_slice_prints_n_a(tmp_path):
     result = oracle.run(1, 0, 0.2, str(tmp_path / "one.json"))  # one user: no cold-start impressions
     assert result["cold_start"]["oracle"]["examples"] == 0 and result["cold_start"]["oracle"]["auc"] is None
     assert "| oracle | " in oracle.markdown(result) and "n/a" in oracle.markdown(result)
+
+
+# ----------------------------------------------------------------------------------------------
+# The posterior ceiling: P(click | the user's earlier impressions), the taste integrated out.
+
+
+def _log_and_columns(**overrides):
+    log = generator.LogGenerator(generator.GeneratorConfig(**(SMALL | overrides)))
+    return log, oracle.events(log.records_with_parts())
+
+
+def _oracle_logit(columns):
+    return np.sum([columns[part] for part in generator.LOGIT_PARTS], axis=0)
+
+
+def test_with_nothing_latent_the_posterior_is_the_oracle():
+    # One group, no personal or domain taste: every draw is the user's true taste.
+    log, columns = _log_and_columns(num_groups=1, personal_scale=0.0, domain_scale=0.0)
+    posterior = oracle.posterior_logits(columns, log, samples_per_group=4)
+    np.testing.assert_allclose(posterior, _oracle_logit(columns), atol=1e-6)
+
+
+def test_a_first_impression_gets_the_prior_mean_and_many_impressions_find_the_group():
+    log, columns = _log_and_columns(num_groups=2, personal_scale=0.0, domain_scale=0.0)
+    posterior = oracle.posterior_logits(columns, log, samples_per_group=2)
+    users = columns["user"]
+    first = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    # The first impression of a user: the mean over the two (equally likely) groups' click
+    # probabilities, each the record's logit with that group's taste in place of the user's.
+    k = first[1]
+    domain = log.config.domains.index(columns["domain"][k])
+    vector = log.item_vectors[domain, int(columns["item"][k].rsplit(":i", 1)[1])]
+    rest = columns["base"][k] + columns["drift"][k] + columns["popularity"][k]
+    ctr = np.mean([1 / (1 + np.exp(-(rest + log.config.shared_weight * taste @ vector))) for taste in log.group_taste])
+    assert posterior[k] == pytest.approx(np.log(ctr / (1 - ctr)), abs=1e-9)
+    # After 40 impressions the posterior is sure of the group: the oracle's logit.
+    earlier = np.arange(len(users)) - np.repeat(first, np.diff(np.r_[first, len(users)]))
+    late = earlier >= 40
+    assert late.sum() > 100
+    assert np.mean(np.abs(posterior[late] - _oracle_logit(columns)[late]) < 0.01) > 0.95
+
+
+def test_the_posterior_reads_only_impressions_at_earlier_times():
+    log, columns = _log_and_columns()
+    users = columns["user"]
+    k = next(i for i in range(1, len(users) - 2) if users[i - 1] == users[i] == users[i + 2]
+             and columns["ts"][i - 1] < columns["ts"][i] < columns["ts"][i + 1])
+    columns["ts"] = columns["ts"].copy()
+    columns["ts"][k + 1] = columns["ts"][k]  # row k + 1 now at the same time as row k
+    rows = np.zeros(len(users), bool)
+    rows[k - 1:k + 3] = True
+    base = oracle.posterior_logits(columns, log, samples_per_group=16, rows=rows)
+
+    def flipped(row):
+        changed = dict(columns, label=columns["label"].copy())
+        changed["label"][row] = 1 - changed["label"][row]
+        return oracle.posterior_logits(changed, log, samples_per_group=16, rows=rows)
+
+    same_time, later, earlier = flipped(k + 1), flipped(k + 2), flipped(k - 1)
+    assert same_time[k] == pytest.approx(base[k], abs=1e-12) and later[k] == pytest.approx(base[k], abs=1e-12)
+    assert flipped(k)[k + 1] == pytest.approx(base[k + 1], abs=1e-12)  # same time: not earlier either way
+    assert abs(earlier[k] - base[k]) > 1e-6 and abs(flipped(k)[k + 2] - base[k + 2]) > 1e-6
+    assert np.isnan(base[~rows]).all() and np.isfinite(base[rows]).all()
+
+
+def test_the_posterior_row_sits_between_popularity_and_the_oracle(tmp_path):
+    log, columns = _log_and_columns()
+    posterior = oracle.posterior_logits(columns, log, samples_per_group=32)
+    result = oracle.ceilings(columns, 0.2, posterior)
+    overall = {name: value["auc"] for name, value in result["overall"].items()}
+    assert overall["popularity only"] < overall[oracle.POSTERIOR] < overall["oracle"]
+
+    out = tmp_path / "oracle.json"
+    printed = oracle.run(SMALL["num_users"], SMALL["seed"], 0.2, str(out), samples_per_group=8)
+    written = json.loads(out.read_text())
+    assert written["posterior"]["samples_per_group"] == 8 and oracle.POSTERIOR in written["results"]["cold_start"]
+    assert f"| {oracle.POSTERIOR} |" in oracle.markdown(printed)
+    assert oracle.POSTERIOR not in oracle.run(SMALL["num_users"], SMALL["seed"], 0.2, str(out), samples_per_group=0)["overall"]

@@ -237,7 +237,9 @@ def _cmd_benchmark_oracle(args) -> int:
 
     if args.users < 1 or not 0 < args.eval_fraction < 1:
         raise UsageError(f"--users must be >= 1 and --eval-fraction in (0, 1); got {args.users}, {args.eval_fraction}")
-    oracle.run(args.users, args.seed, args.eval_fraction, args.out)
+    if args.posterior_samples < 0:
+        raise UsageError(f"--posterior-samples must be >= 0, got {args.posterior_samples}")
+    oracle.run(args.users, args.seed, args.eval_fraction, args.out, args.posterior_samples, args.posterior_seed)
     return 0
 
 
@@ -428,6 +430,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--users", type=int, default=20000, help="users of the generated log (the quality benchmark's)")
     b.add_argument("--seed", type=int, default=0, help="the generated log's seed")
     b.add_argument("--eval-fraction", type=float, default=0.2, help="eval = the last fraction of the events by time")
+    b.add_argument("--posterior-samples", type=int, default=256,
+                   help="the posterior ceiling's draws of a user's taste per latent group (0: no posterior row)")
+    b.add_argument("--posterior-seed", type=int, default=0, help="seed of the posterior's draws")
     b.add_argument("--out", default="outputs/benchmark/oracle.json", help="JSON results")
     b.set_defaults(func=_cmd_benchmark_oracle)
     b = bsub.add_parser("train", help="examples/s, AUC and GAUC of every model on generated logs")

@@ -52,6 +52,8 @@ class GeneratorConfig:
     dim: int = 8
     shared_weight: float = 1.0  # weight of the cross-domain (group) taste in the logit
     domain_weight: float = 0.6  # weight of the domain-specific taste
+    personal_scale: float = 0.3  # std of a user's personal taste around their group's
+    domain_scale: float = 0.8  # std of a user's domain-specific taste
     drift_weight: float = 0.8  # weight of the recent-click drift term
     popularity_weight: float = 0.4
     base_logit: float = -1.6
@@ -67,6 +69,8 @@ class GeneratorConfig:
             "mean_events_per_user": self.mean_events_per_user >= 1,
             "activity_shape": self.activity_shape > 1,
             "multi_domain_fraction": 0 <= self.multi_domain_fraction <= 1,
+            "personal_scale": self.personal_scale >= 0,
+            "domain_scale": self.domain_scale >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -102,8 +106,8 @@ class LogGenerator:
         rng = np.random.default_rng([c.seed, index])
         num_domains = len(c.domains)
         group = rng.integers(c.num_groups)
-        shared = self.group_taste[group] + 0.3 * rng.normal(size=c.dim)
-        specific = rng.normal(size=(num_domains, c.dim)) * 0.8
+        shared = self.group_taste[group] + c.personal_scale * rng.normal(size=c.dim)
+        specific = rng.normal(size=(num_domains, c.dim)) * c.domain_scale
         n_events = max(1, int(round((c.mean_events_per_user * (c.activity_shape - 1) / c.activity_shape)
                                     * (1 + rng.pareto(c.activity_shape)))))
         primary = int(rng.integers(num_domains))
