@@ -190,35 +190,49 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def compute(users: int, seed: int, eval_fraction: float, samples_per_group: int = DEFAULT_SAMPLES_PER_GROUP,
+            posterior_seed: int = 0) -> dict:
+    """The ceilings of the generated log (`users`, `seed`): {"results": `ceilings`, "posterior": its
+    settings and seconds, or None when `samples_per_group` is 0}."""
+    config = generator.GeneratorConfig(num_users=users, seed=seed)
+    log = generator.LogGenerator(config)
+    columns = events(log.records_with_parts())
+    posterior, info = None, None
+    if samples_per_group > 0:
+        started = time.perf_counter()
+        in_eval = eval_mask(columns["ts"], eval_fraction)
+        posterior = posterior_logits(columns, log, samples_per_group, posterior_seed, rows=in_eval)
+        info = {"samples_per_group": samples_per_group, "groups": config.num_groups, "seed": posterior_seed,
+                "seconds": time.perf_counter() - started}
+    return {"results": ceilings(columns, eval_fraction, posterior), "posterior": info}
+
+
+def describe(users: int, seed: int, eval_fraction: float, computed: dict) -> str:
+    """One line on the log, the split and the posterior's draws."""
+    result, info = computed["results"], computed["posterior"]
+    text = (f"generated log: {users} users, seed {seed}; eval = the last {eval_fraction:g} of the events "
+            f"({result['overall']['oracle']['examples']} impressions, {result['cold_start']['oracle']['examples']} "
+            f"cold-start)")
+    if info is not None:
+        text += (f"; posterior: {info['groups']} x {info['samples_per_group']} draws (seed {info['seed']}), "
+                 f"{info['seconds']:.0f} s")
+    return text
+
+
 def run(users: int, seed: int, eval_fraction: float, out: str,
         samples_per_group: int = DEFAULT_SAMPLES_PER_GROUP, posterior_seed: int = 0) -> dict:
     """Prints the ceilings of the generated log (`users`, `seed`) and writes them to `out`.
 
     samples_per_group: the posterior's draws per group; 0 leaves the posterior row out.
     """
-    config = generator.GeneratorConfig(num_users=users, seed=seed)
-    log = generator.LogGenerator(config)
-    columns = events(log.records_with_parts())
-    posterior, seconds = None, None
-    if samples_per_group > 0:
-        started = time.perf_counter()
-        in_eval = eval_mask(columns["ts"], eval_fraction)
-        posterior = posterior_logits(columns, log, samples_per_group, posterior_seed, rows=in_eval)
-        seconds = time.perf_counter() - started
-    result = ceilings(columns, eval_fraction, posterior)
-    print(f"generated log: {users} users, seed {seed}; eval = the last {eval_fraction:g} of the events "
-          f"({result['overall']['oracle']['examples']} impressions, {result['cold_start']['oracle']['examples']} "
-          f"cold-start)")
-    if posterior is not None:
-        print(f"posterior: {config.num_groups} x {samples_per_group} draws (seed {posterior_seed}), {seconds:.0f} s")
-    print()
+    computed = compute(users, seed, eval_fraction, samples_per_group, posterior_seed)
+    result = computed["results"]
+    print(describe(users, seed, eval_fraction, computed) + "\n")
     print(markdown(result))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"users": users, "seed": seed, "eval_fraction": eval_fraction,
                    "ceilings": {name: list(parts) for name, parts in CEILINGS.items()},
-                   "posterior": None if posterior is None else {
-                       "samples_per_group": samples_per_group, "seed": posterior_seed, "seconds": seconds},
-                   "results": result}, f, indent=2)
+                   "posterior": computed["posterior"], "results": result}, f, indent=2)
     print(f"\nwrote {out}")
     return result

@@ -3,7 +3,9 @@
 Sets (`--sets`, all by default):
 
 - `generated`: a generated log (`--users`, 20,000 by default; data seed 0), time split; AUC, GAUC,
-  per domain and cold start, next to the oracle (the true click probability).
+  per domain and cold start, next to the oracle (the true click probability) and the log's
+  ceilings (`benchmarks/oracle.py`; its posterior row is the best any model can do from the
+  users' earlier impressions, and the targets are reported against it).
 - `food-kitchen`: amazon-food-kitchen imported with the default protocol (K=4 popularity
   non-clicks in a 1,000-interaction window, seed 0), time split; AUC and GAUC as above.
 - `five-domains`: amazon-five-domains, the same way.
@@ -32,12 +34,13 @@ import json
 import os
 import re
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from benchmarks import train
+from benchmarks import oracle, train
 from components.evaluation import ranking
+from components.ingest import beam_pipeline
 from components.trainer import task
 from xdctr import features as F
 
@@ -212,8 +215,16 @@ def _by_model(runs: Sequence[dict], value) -> Dict[str, tuple]:
     return {name: _mean_std(values) for name, values in groups.items()}
 
 
-def targets(results: dict) -> List[str]:
-    """The issue's targets, each with what was measured (lines of Markdown)."""
+GENERATED_DATA_SEED = 0
+GENERATED_EVAL_FRACTION = beam_pipeline.IngestConfig.eval_fraction  # the split `train.prepare_data` ingests with
+
+
+def targets(results: dict, ceilings: Optional[dict] = None) -> List[str]:
+    """The issue's targets, each with what was measured (lines of Markdown).
+
+    `ceilings`: `oracle.ceilings` of the generated log; its posterior row is named with the
+    generated targets.
+    """
     lines = []
     auc_runs = lambda s: [r for r in results.get(s, []) if r["model"] != "oracle"]  # noqa: E731
     if "generated" in results:
@@ -230,6 +241,13 @@ def targets(results: dict) -> List[str]:
                          f"baseline's ({max(baselines, key=baselines.get) if baselines else 'none run'}): "
                          + (f"{margin:+.4f} (target >= +0.02: {'met' if margin >= 0.02 else 'NOT met'})"
                             if margin is not None else "n/a"))
+            posterior = (ceilings or {}).get("overall", {}).get(oracle.POSTERIOR)
+            if posterior is not None:
+                cold_ceiling = ceilings["cold_start"][oracle.POSTERIOR]["auc"]
+                lines.append(f"- generated: the best any model can do from the users' earlier impressions (the "
+                             f"posterior ceiling): AUC {posterior['auc']:.4f}, cold-start AUC "
+                             + ("n/a" if cold_ceiling is None else f"{cold_ceiling:.4f}")
+                             + f"; {best} is {posterior['auc'] - cross[best][0]:.4f} AUC below it")
     if "food-kitchen-loo" in results:
         runs = [r for r in results["food-kitchen-loo"] if not r.get("baseline")]
         for domain, target in (("grocery_gourmet_food", 0.25), ("home_kitchen", 0.18)):
@@ -273,6 +291,7 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
         raise ValueError(f"unknown set(s) {unknown}; known: {list(SETS)}")
     os.makedirs(workdir, exist_ok=True)
     results: Dict[str, list] = {}
+    generated_ceilings = None
     sections = []
     started = time.monotonic()
     load_before = os.getloadavg()
@@ -286,7 +305,12 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
             continue
         set_dir = os.path.join(workdir, set_name)
         if set_name == "generated":
-            examples = train.prepare_data(set_dir, users, 0)
+            examples = train.prepare_data(set_dir, users, GENERATED_DATA_SEED)
+            computed = oracle.compute(users, GENERATED_DATA_SEED, GENERATED_EVAL_FRACTION)
+            generated_ceilings = computed["results"]
+            print(oracle.describe(users, GENERATED_DATA_SEED, GENERATED_EVAL_FRACTION, computed), flush=True)
+            sections.append("### generated: what the log allows (`xdctr benchmark oracle`)\n\n"
+                            + oracle.markdown(generated_ceilings) + "\n")
         else:
             examples = prepare_real(workdir, set_name)
         json_path = os.path.join(set_dir, "train.json")
@@ -298,7 +322,7 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
         table = [(s["model"], s, s.get("params")) for s in content["summary"]]
         sections.append(f"### {set_name} (AUC protocol)\n\n"
                         + train.markdown_table(table, train.summary_slices(content["data"]["domains"])))
-    goals = targets(results)
+    goals = targets(results, generated_ceilings)
     load_after = os.getloadavg()
     settings = (f"seeds {list(seeds)}, early stopping (patience {patience}, at most {epochs} epochs), batch "
                 f"{batch_size}, Adam {learning_rate:g}" + (f", overrides {train.run_suffix(overrides)}" if overrides else ""))
@@ -311,7 +335,8 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
     with open(out, "w") as f:
         json.dump({"sets": list(sets), "seeds": list(seeds), "epochs": epochs, "patience": patience,
                    "learning_rate": learning_rate, "overrides": overrides or {},
-                   "users": users, "results": results, "targets": goals}, f, indent=2, allow_nan=False)
+                   "users": users, "results": results, "generated_ceilings": generated_ceilings, "targets": goals},
+                  f, indent=2, allow_nan=False)
     print(text)
     print(f"wrote {markdown_path} and {out}")
     return results

@@ -1,6 +1,8 @@
 """`benchmarks/quality.py`: the issue's targets checked against hand-made results."""
 
-from benchmarks import quality
+import pytest
+
+from benchmarks import oracle, quality
 
 
 def _auc_run(model, seed, auc, gauc, cold):
@@ -39,6 +41,40 @@ def test_targets_report_what_was_measured():
                         "difference 0.0045 (beats it by more than 2 std)")
     assert lines[4].endswith("+0.0080, 2 std of the difference 0.0204 (does NOT beat it by more than 2 std)")
     assert len(lines) == 5
+
+    # With the generated log's ceilings, the posterior row is named after the generated target.
+    ceilings = {"overall": {oracle.POSTERIOR: {"auc": 0.8755}}, "cold_start": {oracle.POSTERIOR: {"auc": 0.818}}}
+    with_ceilings = quality.targets(results, ceilings)
+    assert with_ceilings[1] == ("- generated: the best any model can do from the users' earlier impressions (the "
+                                "posterior ceiling): AUC 0.8755, cold-start AUC 0.8180; man is 0.0255 AUC below it")
+    assert with_ceilings[:1] + with_ceilings[2:] == lines
+
+
+def test_the_generated_set_reports_the_logs_ceilings(tmp_path, monkeypatch):
+    """The generated set's section and JSON carry `benchmark oracle`'s ceilings of the same log."""
+    import json
+    import os
+
+    users = 60
+    runs = [_auc_run("man", 0, 0.70, 0.70, 0.65), _auc_run("dnn_multi", 0, 0.68, 0.68, 0.60)]
+
+    def fake_train_run(models, set_dir, json_path, **kwargs):  # training is `benchmark train`'s, tested there
+        os.makedirs(set_dir, exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump({"results": runs, "summary": [], "data": {"domains": ["grocery", "kitchen"]}}, f)
+
+    monkeypatch.setattr(quality.train, "prepare_data", lambda set_dir, n, seed: str(tmp_path / "examples"))
+    monkeypatch.setattr(quality.train, "run", fake_train_run)
+    monkeypatch.setattr(quality.train, "markdown_table", lambda table, slices: "(table)")
+    out, md = tmp_path / "q.json", tmp_path / "q.md"
+    quality.run(["man", "dnn_multi"], str(tmp_path), str(out), str(md), sets=["generated"], seeds=[0], users=users)
+    written = json.loads(out.read_text())
+    expected = oracle.compute(users, quality.GENERATED_DATA_SEED, quality.GENERATED_EVAL_FRACTION)["results"]
+    assert written["generated_ceilings"]["overall"][oracle.POSTERIOR]["auc"] == \
+        pytest.approx(expected["overall"][oracle.POSTERIOR]["auc"], abs=1e-9)
+    text = md.read_text()
+    assert "### generated: what the log allows" in text and f"| {oracle.POSTERIOR} |" in text
+    assert "the posterior ceiling" in text
 
 
 def test_loo_train_part_has_the_asked_negatives_in_its_own_directory(tmp_path, monkeypatch):
