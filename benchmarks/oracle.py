@@ -131,7 +131,7 @@ def posterior_logits(columns: dict, log: generator.LogGenerator, samples_per_gro
 
     domain_index = {name: d for d, name in enumerate(config.domains)}
     domains = np.array([domain_index[name] for name in columns["domain"]])
-    items = np.array([int(item.rsplit(":i", 1)[1]) for item in columns["item"]])
+    items = np.array([generator.item_index(item) for item in columns["item"]])
     vectors = log.item_vectors[domains, items]  # (N, dim)
     rest = columns["base"] + columns["drift"] + columns["popularity"]  # (N,): known given the earlier clicks
     labels = columns["label"].astype(bool)

@@ -46,7 +46,7 @@ HEALTH_THREADS = 2  # health checks are answered by the sync servicer of grpc_he
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """gRPC front of an `Inference`: maps its errors to status codes, counts and times requests."""
 
-    def __init__(self, inference: Inference, executor: futures.Executor, delivery: Optional[LoopDelivery] = None):
+    def __init__(self, inference: Inference, executor: futures.Executor, delivery: LoopDelivery):
         self.inference = inference
         self._executor = executor
         self._delivery = delivery

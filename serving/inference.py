@@ -137,10 +137,10 @@ class LoopDelivery:
                 waiter.set_result(future.result())
 
 
-async def run_steps_async(steps: Steps, executor: futures.Executor, delivery: Optional[LoopDelivery] = None):
+async def run_steps_async(steps: Steps, executor: futures.Executor, delivery: LoopDelivery):
     """Drives a request's steps from an event loop: model calls on `executor`, batches awaited.
 
-    Batch results reach the loop through `delivery` (one per loop; `asyncio.wrap_future` without).
+    Batch results reach the loop through `delivery` (one per loop).
     The caller's deadline is the event loop's to enforce: cancelling this coroutine (gRPC does at
     the call's deadline) cancels the awaited batch future, whose task then leaves its batch.
     """
@@ -151,7 +151,7 @@ async def run_steps_async(steps: Steps, executor: futures.Executor, delivery: Op
             done, step = _advance(steps, await loop.run_in_executor(executor, step))
             continue
         try:
-            value = await (delivery.wrap(step) if delivery is not None else asyncio.wrap_future(step))
+            value = await delivery.wrap(step)
         except BatchingError as e:
             raise _batch_failure(e) from None
         done, step = _advance(steps, value)

@@ -114,7 +114,7 @@ def test_a_first_impression_gets_the_prior_mean_and_many_impressions_find_the_gr
     # probabilities, each the record's logit with that group's taste in place of the user's.
     k = first[1]
     domain = log.config.domains.index(columns["domain"][k])
-    vector = log.item_vectors[domain, int(columns["item"][k].rsplit(":i", 1)[1])]
+    vector = log.item_vectors[domain, generator.item_index(columns["item"][k])]
     rest = columns["base"][k] + columns["drift"][k] + columns["popularity"][k]
     ctr = np.mean([1 / (1 + np.exp(-(rest + log.config.shared_weight * taste @ vector))) for taste in log.group_taste])
     assert posterior[k] == pytest.approx(np.log(ctr / (1 - ctr)), abs=1e-9)

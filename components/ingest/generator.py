@@ -79,6 +79,16 @@ class GeneratorConfig:
             raise ValueError(f"`domains` must name 2 or more distinct domains. Received: domains={self.domains!r}")
 
 
+def item_id(domain: str, index: int) -> str:
+    """The log's id of item `index` of `domain`."""
+    return f"{domain}:i{index}"
+
+
+def item_index(item: str) -> int:
+    """The item's index in its domain, from an id `item_id` made."""
+    return int(item.rsplit(":i", 1)[1])
+
+
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
@@ -139,7 +149,7 @@ class LogGenerator:
                 F.LOG_TS: int(START_TS + t),
                 F.LOG_USER_ID: f"u{index}",
                 F.LOG_DOMAIN: c.domains[d],
-                F.LOG_ITEM_ID: f"{c.domains[d]}:i{item}",
+                F.LOG_ITEM_ID: item_id(c.domains[d], item),
                 F.LOG_CLICKED: clicked,
                 F.LOG_ORACLE_CTR: round(p, 6),
             }
