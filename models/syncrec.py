@@ -48,6 +48,8 @@ class SyNCRecConfig:
       use_lc_ntg: False is the "w/o LC-NTG" ablation: the cross-domain loss is not reweighted.
       use_sc_mim: False is the "w/o SC-MIM" ablation: no mutual-information loss.
       use_acmoe: False is the "w/o ACMoE" ablation: a plain multi-gate MoE, no stop-gradients.
+      item_bias: add a learned per-item bias b_v to both tasks' logits (not in eq. 19; off by
+        default; see `SyNCRec`).
     """
 
     inputs: InputConfig = dataclasses.field(default_factory=InputConfig)
@@ -66,6 +68,7 @@ class SyNCRecConfig:
     use_lc_ntg: bool = True
     use_sc_mim: bool = True
     use_acmoe: bool = True
+    item_bias: bool = False
 
 
 def cross_expert_count(config: SyNCRecConfig) -> int:
@@ -286,7 +289,12 @@ class SyNCRec(CTRModel):
       and a GELU FFN. Positions are indexed by recency (row -1 is the last step), so one table P
       of max(L, Ld) + 1 rows serves both sequence lengths.
     - Per-domain biases b^cross_t and b^single_t with "bce" (a base rate per domain, which a bare
-      dot product cannot learn); eq. 19 has none. No item bias.
+      dot product cannot learn); eq. 19 has none.
+    - Item bias: off by default (eq. 19 has none). `item_bias=True` adds one learned b_v per item
+      bucket (zeros at the start) to the single- and cross-domain logits alike, as the item table
+      M is shared, and under "bpr" too (there it does not cancel: v+ and v- differ). A bare dot
+      product can carry an item's popularity only through a direction every user vector shares;
+      the bias carries it directly.
     - Sizes: r = 16 (the paper's best on Amazon, Fig. 3), K = 5 experts of one single-head block
       (the paper's Telco setting has K = 5), on CPU about twice MAN's step time; the experts
       dominate it.
@@ -365,6 +373,8 @@ class SyNCRec(CTRModel):
         self.cross_gate = SequenceGates(1, num_experts, name="cross_gate")
         self.single_towers = TaskTowers(num_domains, name="single_towers")
         self.cross_tower = TaskTowers(1, name="cross_tower")
+        self.item_bias = (keras.layers.Embedding(config.inputs.item_buckets, 1, embeddings_initializer="zeros",
+                                                 name="item_bias") if config.item_bias else None)
         self.single_bias = self.cross_bias = None  # "bpr": biases cancel in s+ - s-, so there are none
         if config.objective == "bce":
             self.single_bias = self.add_weight(shape=(num_domains,), initializer="zeros", name="single_bias")
@@ -376,6 +386,8 @@ class SyNCRec(CTRModel):
                     if config.use_lc_ntg else None)
         with keras.name_scope(self.name):  # every weight exists before any call, whichever path runs first
             self.item_embedding.build((None,))
+            if self.item_bias is not None:
+                self.item_bias.build((None,))
             self.experts.build((None, None, dim))
             self.single_gates.build((None, num_domains, single_len, dim))
             self.cross_gate.build((None, 1, cross_len, dim))
@@ -469,10 +481,16 @@ class SyNCRec(CTRModel):
 
     # ------------------------------------------------------------------ prediction
 
+    def _item_bias(self, items):
+        """b_v of (N,) items: (N,) float32, or 0 without `item_bias`."""
+        if self.item_bias is None:
+            return 0.0
+        return ops.cast(ops.squeeze(self.item_bias(items), -1), "float32")
+
     def _logit(self, users, item, domain, bias):
-        """u . M[v] + b_t: (B, r), (B,), (B,) -> (B,) float32 (eq. 19); no b_t when `bias` is None."""
+        """u . M[v] + b_t (+ b_v): (B, r), (B,), (B,) -> (B,) float32 (eq. 19); no b_t when `bias` is None."""
         targets = ops.cast(self.item_embedding(item), "float32")  # (B, r)
-        dot = ops.sum(ops.cast(users, "float32") * targets, axis=-1)  # (B,)
+        dot = ops.sum(ops.cast(users, "float32") * targets, axis=-1) + self._item_bias(item)  # (B,)
         if bias is None:
             return dot
         return dot + ops.take(ops.cast(bias, "float32"), ops.cast(domain, "int32"), axis=0)
@@ -494,9 +512,11 @@ class SyNCRec(CTRModel):
         self._gap_scale = None
 
     def score_items(self, context, items, domains, training=False):
-        """u . M[v] + b_t of every row against the same N items: (B, r), (N,), (N,) -> (B, N)."""
+        """u . M[v] + b_t (+ b_v) of every row against the same N items: (B, r), (N,), (N,) -> (B, N)."""
         targets = ops.cast(self.item_embedding(items), "float32")  # (N, r)
         logits = ops.matmul(ops.cast(context["user"], "float32"), ops.transpose(targets))  # (B, N)
+        if self.item_bias is not None:
+            logits = logits + ops.expand_dims(self._item_bias(items), 0)
         if self.cross_bias is None:
             return logits
         return logits + ops.expand_dims(ops.take(ops.cast(self.cross_bias, "float32"), ops.cast(domains, "int32"),
@@ -527,8 +547,9 @@ class SyNCRec(CTRModel):
         elif config.objective == "bpr":
             targets = ops.cast(self.item_embedding(item), "float32")  # (B, r)
             # (B, B): row i's user representation against every row's target, u_i . M[v_j].
-            outputs["cross_scores"] = ops.matmul(ops.cast(cross, "float32"), ops.transpose(targets))
-            outputs["single_scores"] = ops.matmul(ops.cast(single, "float32"), ops.transpose(targets))  # (B, B)
+            bias = ops.expand_dims(self._item_bias(item), 0) if self.item_bias is not None else 0.0  # (1, B): b_{v_j}
+            outputs["cross_scores"] = ops.matmul(ops.cast(cross, "float32"), ops.transpose(targets)) + bias
+            outputs["single_scores"] = ops.matmul(ops.cast(single, "float32"), ops.transpose(targets)) + bias  # (B, B)
         if config.use_sc_mim:
             has_single = ops.any(ops.cast(inputs[F.DOMAIN_HISTORY_MASK], "bool"), axis=-1)  # (B, D)
             mim_mask = ops.logical_and(valid, has_single)  # (B, D)

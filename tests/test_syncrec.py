@@ -615,6 +615,35 @@ def test_score_selects_each_candidates_domain():
     assert len(set(np.round(expected, 6))) == len(candidates)
 
 
+def test_item_bias_adds_one_learned_bias_per_item_to_both_tasks():
+    rows = _rows()
+    context_row = rows[9]
+    assert _model()[0].item_bias is None  # off by default: eq. 19 has no item bias
+    model, config = _model(item_bias=True)
+    inputs = _inputs([_with_target(context_row, b"x1", b"a"), _with_target(context_row, b"y9", b"b")], config)
+    before_training, before_served = model(inputs, training=True), _ctr(model, inputs)
+    items = _np(inputs[F.ITEM_ID])
+    table = np.zeros((config.inputs.item_buckets, 1), "float32")
+    table[items] = [[0.75], [-1.25]]
+    model.item_bias.embeddings.assign(table)
+    outputs = model(inputs, training=True)
+    for name in ("cross_logit", "single_logit"):
+        np.testing.assert_allclose(_np(outputs[name]) - _np(before_training[name]), [0.75, -1.25], rtol=1e-5, atol=1e-5)
+    served = _ctr(model, inputs)
+    np.testing.assert_allclose(np.log(served / (1 - served)) - np.log(before_served / (1 - before_served)),
+                               [0.75, -1.25], rtol=1e-4, atol=1e-4)
+    # score_items (the full softmax) adds the same bias to each column.
+    context = model.encode_context(inputs)
+    by_items = _np(model.score_items(context, inputs[F.ITEM_ID], inputs[F.DOMAIN]))  # (2, 2)
+    np.testing.assert_allclose(np.diag(by_items), _np(outputs["cross_logit"]), rtol=1e-5, atol=1e-5)
+    # Under "bpr", row i against row j's target gets b of j's target.
+    bpr, bpr_config = _model(objective="bpr", item_bias=True)
+    bpr_inputs = _inputs(rows[:3], bpr_config)
+    plain = _np(bpr(bpr_inputs, training=True)["cross_scores"])
+    bpr.item_bias.embeddings.assign(np.full((bpr_config.inputs.item_buckets, 1), 0.5, "float32"))
+    np.testing.assert_allclose(_np(bpr(bpr_inputs, training=True)["cross_scores"]) - plain, 0.5, rtol=1e-5, atol=1e-5)
+
+
 def test_three_domains():
     domains = ("a", "b", "c")
     rows = _rows(domains)
