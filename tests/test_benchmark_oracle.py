@@ -161,3 +161,72 @@ def test_the_posterior_row_sits_between_popularity_and_the_oracle(tmp_path):
     assert written["posterior"]["samples_per_group"] == 8 and oracle.POSTERIOR in written["results"]["cold_start"]
     assert f"| {oracle.POSTERIOR} |" in oracle.markdown(printed)
     assert oracle.POSTERIOR not in oracle.run(SMALL["num_users"], SMALL["seed"], 0.2, str(out), samples_per_group=0)["overall"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The click posterior: the same, from the earlier clicks alone (what a history feature shows).
+
+
+def test_with_nothing_latent_the_click_posterior_is_the_oracle():
+    log, columns = _log_and_columns(num_groups=1, personal_scale=0.0, domain_scale=0.0)
+    posterior = oracle.click_posterior_logits(columns, log, samples_per_group=4)
+    np.testing.assert_allclose(posterior, _oracle_logit(columns), atol=1e-6)
+
+
+def test_the_click_posterior_weighs_each_group_by_the_clicked_items_share_of_its_clicks():
+    # Two groups, nothing else latent. After one click on item i (no drift before a first click),
+    # group g's weight is P(i | a click in the domain; g) = pop_i sigmoid(l_g(i)) / sum_k pop_k sigmoid(l_g(k)).
+    log, columns = _log_and_columns(num_groups=2, personal_scale=0.0, domain_scale=0.0)
+    config = log.config
+    users, labels, ts = columns["user"], columns["label"], columns["ts"]
+    first = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    j = next(f for f in first if labels[f] == 1 and users[f + 1] == users[f] and ts[f + 1] > ts[f]
+             and labels[f + 1] == 0)
+    k = j + 1
+    posterior = oracle.click_posterior_logits(columns, log, samples_per_group=1)
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    d_j = config.domains.index(columns["domain"][j])
+    d_k = config.domains.index(columns["domain"][k])
+    known = config.base_logit + config.popularity_weight * log.popularity_logit[d_j]  # (items,): no drift yet
+    v_k = log.item_vectors[d_k, generator.item_index(columns["item"][k])]
+    rest_k = columns["base"][k] + columns["drift"][k] + columns["popularity"][k]
+    weights, ctrs = [], []
+    for taste in log.group_taste:
+        clicks = sigmoid(known + config.shared_weight * log.item_vectors[d_j] @ taste)  # (items,)
+        share = log.popularity[d_j] * clicks / np.sum(log.popularity[d_j] * clicks)
+        weights.append(share[generator.item_index(columns["item"][j])])
+        ctrs.append(sigmoid(rest_k + config.shared_weight * taste @ v_k))
+    ctr = np.dot(weights, ctrs) / np.sum(weights)
+    assert posterior[k] == pytest.approx(np.log(ctr / (1 - ctr)), abs=1e-5)
+
+
+def test_the_click_posterior_ignores_earlier_non_clicks_and_the_posterior_does_not():
+    log, columns = _log_and_columns()
+    users, labels = columns["user"], columns["label"]
+    # An impression not clicked, followed by 3 impressions of the same user at later times.
+    k = next(i for i in range(len(users) - 3) if labels[i] == 0 and users[i] == users[i + 3]
+             and columns["ts"][i] < columns["ts"][i + 1])
+    rows = np.zeros(len(users), bool)
+    rows[k + 1:k + 4] = True
+    changed = dict(columns, item=columns["item"].copy(), domain=columns["domain"].copy())
+    other = generator.item_index(columns["item"][k]) + 1
+    changed["item"][k] = generator.item_id(columns["domain"][k], other % log.config.items_per_domain)
+    np.testing.assert_allclose(oracle.click_posterior_logits(changed, log, 16, rows=rows)[rows],
+                               oracle.click_posterior_logits(columns, log, 16, rows=rows)[rows], atol=1e-12)
+    assert np.abs(oracle.posterior_logits(changed, log, 16, rows=rows)[rows]
+                  - oracle.posterior_logits(columns, log, 16, rows=rows)[rows]).max() > 1e-6
+
+
+def test_the_click_posterior_row_is_below_the_posterior_and_off_by_default(tmp_path):
+    out = tmp_path / "oracle.json"
+    printed = oracle.run(SMALL["num_users"], SMALL["seed"], 0.2, str(out), samples_per_group=32,
+                         click_samples_per_group=32)
+    written = json.loads(out.read_text())
+    assert written["click_posterior"]["samples_per_group"] == 32
+    overall = {name: value["auc"] for name, value in printed["overall"].items()}
+    # What the clicks show is part of what every impression shows; on this small log the gap is
+    # well above the draws' noise (0.01).
+    assert overall["popularity only"] < overall[oracle.CLICK_POSTERIOR] < overall[oracle.POSTERIOR] - 0.003
+    assert f"| {oracle.CLICK_POSTERIOR} |" in oracle.markdown(printed)
+    default = oracle.run(SMALL["num_users"], SMALL["seed"], 0.2, str(out), samples_per_group=8)
+    assert oracle.CLICK_POSTERIOR not in default["overall"] and json.loads(out.read_text())["click_posterior"] is None
