@@ -122,10 +122,21 @@ def posterior_logits(columns: dict, log: generator.LogGenerator, samples_per_gro
     Returns:
       (num_rows,) logits; NaN where `rows` is False.
     """
-    config = log.config
-    taste = _taste_draws(log, samples_per_group, seed)  # (S, D, dim)
-    draws = taste.shape[0]
+    labels_of = lambda domains, items, labels, logits: -_softplus(np.where(labels, -logits, logits))  # noqa: E731
+    return _posterior(columns, log, _taste_draws(log, samples_per_group, seed), rows, labels_of)
 
+
+def _posterior(columns: dict, log: generator.LogGenerator, taste: np.ndarray, rows: Optional[np.ndarray],
+               user_loglik) -> np.ndarray:
+    """The importance-sampling posterior of each wanted row, given a likelihood.
+
+    taste: (S, D, dim) draws from the prior. user_loglik(domains, items, labels, logits) gives,
+    for one user's K impressions (domain and item indices, labels, each draw's logits (S, K)),
+    the (S, K) log-likelihood each impression adds for the impressions after it. Each wanted row
+    gets the draws' click probabilities weighted by the likelihood of the impressions at earlier
+    times; returns the logits, NaN where `rows` is False.
+    """
+    config = log.config
     domain_index = {name: d for d, name in enumerate(config.domains)}
     domains = np.array([domain_index[name] for name in columns["domain"]])
     items = np.array([generator.item_index(item) for item in columns["item"]])
@@ -142,9 +153,8 @@ def posterior_logits(columns: dict, log: generator.LogGenerator, samples_per_gro
             continue
         user_domains, ts = domains[start:end], columns["ts"][start:end]
         logits = np.einsum("skd,kd->sk", taste[:, user_domains, :], vectors[start:end]) + rest[start:end]  # (S, K)
-        # log-likelihood of each impression under each draw: log sigmoid(+-logit)
-        loglik = -_softplus(np.where(labels[start:end], -logits, logits))  # (S, K)
-        before = np.concatenate([np.zeros((draws, 1)), np.cumsum(loglik, axis=1)], axis=1)  # (S, K+1)
+        loglik = user_loglik(user_domains, items[start:end], labels[start:end], logits)  # (S, K)
+        before = np.concatenate([np.zeros((len(taste), 1)), np.cumsum(loglik, axis=1)], axis=1)  # (S, K+1)
         first_at_time = np.searchsorted(ts, ts, side="left")  # impressions at the same time are not earlier
         keep = np.flatnonzero(wanted[start:end])
         weights = before[:, first_at_time[keep]]  # (S, kept): log weights
@@ -192,46 +202,24 @@ def click_posterior_logits(columns: dict, log: generator.LogGenerator,
     """
     config = log.config
     taste = _taste_draws(log, samples_per_group, seed)  # (S, D, dim)
-    draws = taste.shape[0]
     # taste . v of every draw and item: (D, S, items)
     affinity = np.einsum("sdr,dkr->dsk", taste, log.item_vectors).astype(np.float32)
     popularity_part = config.popularity_weight * log.popularity_logit  # (D, items)
     drift_scale = config.drift_weight * np.sqrt(config.dim)
 
-    domain_index = {name: d for d, name in enumerate(config.domains)}
-    domains = np.array([domain_index[name] for name in columns["domain"]])
-    items = np.array([generator.item_index(item) for item in columns["item"]])
-    rest = columns["base"] + columns["drift"] + columns["popularity"]  # (N,)
-    labels = columns["label"].astype(bool)
-    wanted = np.ones(len(labels), bool) if rows is None else np.asarray(rows, bool)
-    out = np.full(len(labels), np.nan)
-
-    users = columns["user"]
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-    for start, end in zip(starts, np.r_[starts[1:], len(users)]):
-        if not wanted[start:end].any():
-            continue
-        user_domains, user_items, ts = domains[start:end], items[start:end], columns["ts"][start:end]
-        loglik = np.zeros((draws, end - start))  # (S, K): 0 for the impressions not clicked
+    def clicks_of(domains, items, labels, logits):
+        loglik = np.zeros(logits.shape)  # (S, K): 0 for the impressions not clicked
         recent = np.zeros(config.dim)
-        for k in np.flatnonzero(labels[start:end]):
-            d, vectors = user_domains[k], log.item_vectors[user_domains[k]]
+        for k in np.flatnonzero(labels):
+            d, vectors = domains[k], log.item_vectors[domains[k]]
             known = (config.base_logit + drift_scale * vectors @ recent + popularity_part[d]).astype(np.float32)  # (items,)
-            logits = affinity[d] + known  # (S, items)
-            normaliser = (1.0 / (1.0 + np.exp(-logits))) @ log.popularity[d].astype(np.float32)  # (S,)
-            loglik[:, k] = -_softplus(-logits[:, user_items[k]].astype(np.float64)) - np.log(normaliser)
-            recent = 0.7 * recent + 0.3 * vectors[user_items[k]] * np.sqrt(config.dim)
-        target = np.einsum("skr,kr->sk", taste[:, user_domains, :], log.item_vectors[user_domains, user_items])
-        target = target + rest[start:end]  # (S, K): each draw's logit of each impression
-        before = np.concatenate([np.zeros((draws, 1)), np.cumsum(loglik, axis=1)], axis=1)  # (S, K+1)
-        first_at_time = np.searchsorted(ts, ts, side="left")
-        keep = np.flatnonzero(wanted[start:end])
-        weights = before[:, first_at_time[keep]]
-        weights = np.exp(weights - weights.max(axis=0, keepdims=True))
-        ctr = np.sum(weights / (1.0 + np.exp(-target[:, keep])), axis=0) / weights.sum(axis=0)
-        ctr = np.clip(ctr, 1e-12, 1 - 1e-12)
-        out[start + keep] = np.log(ctr) - np.log1p(-ctr)
-    return out
+            every = affinity[d] + known  # (S, items): each draw's logit of every item of d at this moment
+            normaliser = (1.0 / (1.0 + np.exp(-every))) @ log.popularity[d].astype(np.float32)  # (S,)
+            loglik[:, k] = -_softplus(-logits[:, k]) - np.log(normaliser)
+            recent = generator.DRIFT_KEEP * recent + generator.DRIFT_ADD * vectors[items[k]] * np.sqrt(config.dim)
+        return loglik
+
+    return _posterior(columns, log, taste, rows, clicks_of)
 
 
 def ceilings(columns: dict, eval_fraction: float = 0.2, posterior: Optional[np.ndarray] = None,

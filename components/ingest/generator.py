@@ -37,6 +37,8 @@ DAY = 86_400
 # taste and personal taste (together the shared, cross-domain taste), the domain-specific taste,
 # the drift towards recent clicks and the item's popularity.
 LOGIT_PARTS = ("base", "group_taste", "personal_taste", "domain_taste", "drift", "popularity")
+# The drift's memory: after each click of item vector v, recent <- DRIFT_KEEP recent + DRIFT_ADD v sqrt(dim).
+DRIFT_KEEP, DRIFT_ADD = 0.7, 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +146,7 @@ class LogGenerator:
             p = _sigmoid(logit)
             clicked = int(rng.random() < p)
             if clicked:
-                recent = 0.7 * recent + 0.3 * v * math.sqrt(c.dim)
+                recent = DRIFT_KEEP * recent + DRIFT_ADD * v * math.sqrt(c.dim)
             record = {
                 F.LOG_TS: int(START_TS + t),
                 F.LOG_USER_ID: f"u{index}",
