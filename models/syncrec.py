@@ -13,7 +13,7 @@ from models.base import CTRModel
 from models.config import InputConfig, override, to_dict
 from models.layers.contrastive import BilinearInfoNCE
 from models.layers.masking import masked_softmax
-from models.layers.moe import SequenceGates, SequentialExperts, TaskTowers, mix_experts
+from models.layers.moe import TOWER_NORMS, SequenceGates, SequentialExperts, TaskTowers, mix_experts
 from models.registry import register
 from xdctr import features as F
 
@@ -50,6 +50,8 @@ class SyNCRecConfig:
       use_acmoe: False is the "w/o ACMoE" ablation: a plain multi-gate MoE, no stop-gradients.
       item_bias: add a learned per-item bias b_v to both tasks' logits (not in eq. 19; off by
         default; see `SyNCRec`).
+      tower_norm: where the towers' layer norm sits, "post" (after the residual, the default) or
+        "pre" (before the FFN; see `layers.moe.TaskTowers`).
     """
 
     inputs: InputConfig = dataclasses.field(default_factory=InputConfig)
@@ -69,6 +71,7 @@ class SyNCRecConfig:
     use_sc_mim: bool = True
     use_acmoe: bool = True
     item_bias: bool = False
+    tower_norm: str = "post"
 
 
 def cross_expert_count(config: SyNCRecConfig) -> int:
@@ -99,6 +102,8 @@ def _validate(config: SyNCRecConfig) -> None:
                              f"(or 0 for round(0.2 K)). Received: num_cross_experts={config.num_cross_experts}")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={config.dropout}")
+    if config.tower_norm not in TOWER_NORMS:
+        raise ValueError(f"`tower_norm` must be one of {TOWER_NORMS}. Received: tower_norm={config.tower_norm!r}")
     if config.objective not in OBJECTIVES:
         raise ValueError(f"`objective` must be one of {OBJECTIVES}. Received: objective={config.objective!r}")
     if not 0.0 < config.harmonic_factor <= 1.0:
@@ -371,8 +376,8 @@ class SyNCRec(CTRModel):
                                          name="experts")
         self.single_gates = SequenceGates(num_domains, num_experts, name="single_gates")
         self.cross_gate = SequenceGates(1, num_experts, name="cross_gate")
-        self.single_towers = TaskTowers(num_domains, name="single_towers")
-        self.cross_tower = TaskTowers(1, name="cross_tower")
+        self.single_towers = TaskTowers(num_domains, norm=config.tower_norm, name="single_towers")
+        self.cross_tower = TaskTowers(1, norm=config.tower_norm, name="cross_tower")
         self.item_bias = (keras.layers.Embedding(config.inputs.item_buckets, 1, embeddings_initializer="zeros",
                                                  name="item_bias") if config.item_bias else None)
         self.single_bias = self.cross_bias = None  # "bpr": biases cancel in s+ - s-, so there are none

@@ -75,6 +75,30 @@ def test_task_towers_by_hand():
         TaskTowers(0)
 
 
+def test_pre_norm_task_towers_by_hand_and_their_output_length_is_free():
+    # norm="pre": h(x) = x + W2 GELU(W1 LN(x) + b1) + b2. W1 = I, W2 = e0 e0^T, x = [1, 0, -1]:
+    # LN(x) = [1.2247, 0, -1.2247], GELU of it [1.0896, 0, -0.1351]; only component 0 reaches the
+    # output: [1 + 1.0896, 0, -1].
+    layer = TaskTowers(1, norm="pre")
+    layer.build((None, 1, 3))
+    layer.inner_kernel.assign(np.eye(3, dtype="float32")[None])
+    layer.outer_kernel.assign(np.diag([1.0, 0.0, 0.0]).astype("float32")[None])
+    x = np.array([[[1.0, 0.0, -1.0]]], "float32")
+    normed = _layer_norm([1.0, 0.0, -1.0])
+    np.testing.assert_allclose(_np(layer(x))[0, 0], [1 + _gelu(normed[0]), 0.0, -1.0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(layer(x))[0, 0], [2.0896, 0.0, -1.0], atol=1e-4)
+    # The FFN reads the normed input, so scaling x scales the residual part only: the output's
+    # length follows x's. After the residual ("post") it cannot: every output has the same length.
+    post = TaskTowers(1, norm="post")
+    post.build((None, 1, 3))
+    for tower, lengths_differ in ((layer, True), (post, False)):
+        small, large = (np.linalg.norm(_np(tower(scale * x))) for scale in (0.5, 4.0))
+        assert bool(large - small > 1.0) == lengths_differ
+    assert TaskTowers.from_config(layer.get_config()).norm == "pre"
+    with pytest.raises(ValueError, match="norm='mid'"):
+        TaskTowers(1, norm="mid")
+
+
 def test_sequence_gates_by_hand():
     # One task, K = 2, T = 2, dim = 1, W = [[1, 0], [2, 0]]: logits = [x_1 + 2 x_2, 0].
     # x = [0.5, 0.25] -> softmax([1, 0]) = [e, 1] / (e + 1); step 1 padded -> softmax([0.5, 0]).

@@ -158,20 +158,30 @@ def mix_experts(expert_outputs, gates, stop_gradient):
     return ops.sum(weights * expert_outputs, axis=1)
 
 
+TOWER_NORMS = ("post", "pre")
+
+
 @keras.saving.register_keras_serializable(package="xdctr")
 class TaskTowers(keras.layers.Layer):
     """One tower per task: a feed-forward network with layer normalization (SyNCRec eq. 2, 4: h^d, h^cross).
 
-        h^t(x) = LayerNorm_t(x + W2_t GELU(W1_t x + b1_t) + b2_t),   W1_t, W2_t in R^{dim x dim}
+        norm="post":  h^t(x) = LayerNorm_t(x + W2_t GELU(W1_t x + b1_t) + b2_t)
+        norm="pre":   h^t(x) = x + W2_t GELU(W1_t LayerNorm_t(x) + b1_t) + b2_t
+                      W1_t, W2_t in R^{dim x dim}; LayerNorm_t with a per-task scale and shift
 
     The paper only says "a feed-forward network with layer normalization"; the residual keeps
     the mixed expert output reachable (and the output width equal to the item embeddings', for
-    the dot-product scores). All towers run in one einsum over the task axis.
+    the dot-product scores). Where the norm sits matters when the output is dotted with item
+    embeddings: after the residual ("post") every output has the same norm before the scale and
+    shift, so a user's scores spread as widely over the items whatever the evidence behind them;
+    before the FFN ("pre") the output's length is free. All towers run in one einsum over the
+    task axis.
 
     Args:
       num_tasks: number of towers, positive.
       kernel_initializer: initializer of W1 and W2.
       epsilon: layer-norm epsilon.
+      norm: "post" or "pre" (see above).
 
     Call args:
       inputs: (..., num_tasks, dim): task t's input in row t.
@@ -179,11 +189,14 @@ class TaskTowers(keras.layers.Layer):
       (..., num_tasks, dim).
     """
 
-    def __init__(self, num_tasks, kernel_initializer="glorot_uniform", epsilon=1e-6, **kwargs):
+    def __init__(self, num_tasks, kernel_initializer="glorot_uniform", epsilon=1e-6, norm="post", **kwargs):
         super().__init__(**kwargs)
         if num_tasks <= 0:
             raise ValueError(f"`num_tasks` must be positive. Received: num_tasks={num_tasks}")
+        if norm not in TOWER_NORMS:
+            raise ValueError(f"`norm` must be one of {TOWER_NORMS}. Received: norm={norm!r}")
         self.num_tasks = int(num_tasks)
+        self.norm = norm
         self.kernel_initializer = kernel_initializer
         self.epsilon = epsilon
 
@@ -201,24 +214,28 @@ class TaskTowers(keras.layers.Layer):
         self.gamma = self.add_weight(shape=(tasks, dim), initializer="ones", name="gamma")
         self.beta = self.add_weight(shape=(tasks, dim), initializer="zeros", name="beta")
 
-    def call(self, inputs):
-        dtype = inputs.dtype
-        cast = lambda w: ops.cast(w, dtype)  # noqa: E731
-        hidden = ops.einsum("...tr,trs->...ts", inputs, cast(self.inner_kernel)) + cast(self.inner_bias)
-        hidden = keras.activations.gelu(hidden, approximate=False)  # (..., tasks, dim)
-        x = inputs + ops.einsum("...tr,trs->...ts", hidden, cast(self.outer_kernel)) + cast(self.outer_bias)
-        # Layer norm over dim, statistics in float32 (mixed precision), per-task scale and shift.
+    def _layer_norm(self, x):
+        """Layer norm over dim, statistics in float32 (mixed precision), per-task scale and shift."""
         x32 = ops.cast(x, "float32")
         mean = ops.mean(x32, axis=-1, keepdims=True)  # (..., tasks, 1)
         variance = ops.mean(ops.square(x32 - mean), axis=-1, keepdims=True)  # (..., tasks, 1)
         normed = (x32 - mean) * ops.rsqrt(variance + self.epsilon)
-        out = normed * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32")
-        return ops.cast(out, dtype)
+        return ops.cast(normed * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32"), x.dtype)
+
+    def call(self, inputs):
+        dtype = inputs.dtype
+        cast = lambda w: ops.cast(w, dtype)  # noqa: E731
+        ffn_input = self._layer_norm(inputs) if self.norm == "pre" else inputs
+        hidden = ops.einsum("...tr,trs->...ts", ffn_input, cast(self.inner_kernel)) + cast(self.inner_bias)
+        hidden = keras.activations.gelu(hidden, approximate=False)  # (..., tasks, dim)
+        x = inputs + ops.einsum("...tr,trs->...ts", hidden, cast(self.outer_kernel)) + cast(self.outer_bias)
+        return x if self.norm == "pre" else self._layer_norm(x)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
 
     def get_config(self):
         config = super().get_config()
-        config.update(num_tasks=self.num_tasks, kernel_initializer=self.kernel_initializer, epsilon=self.epsilon)
+        config.update(num_tasks=self.num_tasks, kernel_initializer=self.kernel_initializer, epsilon=self.epsilon,
+                      norm=self.norm)
         return config
