@@ -262,9 +262,11 @@ def _lambdas(model):
 
 
 def test_config_round_trip_and_bad_values(tmp_path):
-    config = _config(objective="bpr", num_experts=4, num_cross_experts=3, ntg_coefficients="fixed", use_sc_mim=False)
+    config = _config(objective="bpr", num_experts=4, num_cross_experts=3, ntg_coefficients="fixed", use_sc_mim=False,
+                     item_bias=True, tower_norm="pre")
     assert (config.objective, config.num_cross_experts, config.ntg_coefficients, config.use_sc_mim) == (
         "bpr", 3, "fixed", False)
+    assert (config.item_bias, config.tower_norm) == (True, "pre")
     assert registry.resolve_config("syncrec", config_lib.to_dict(config)) == config
     path = config_lib.save(config, "syncrec", str(tmp_path))
     assert registry.resolve_config("syncrec", json.loads(open(path).read())["config"]) == config
@@ -274,6 +276,7 @@ def test_config_round_trip_and_bad_values(tmp_path):
     assert (defaults.embedding_dim, defaults.num_experts, defaults.num_layers, defaults.objective) == (16, 5, 1, "bce")
     assert (defaults.use_lc_ntg, defaults.use_sc_mim, defaults.use_acmoe, defaults.ntg_coefficients) == (
         True, True, True, "learned")
+    assert (defaults.item_bias, defaults.tower_norm) == (False, "post")
     # j defaults to round(0.2 K) within [1, K - 1] (sec. 4.2.1).
     for experts, expected in [(5, 1), (10, 2), (2, 1), (13, 3)]:
         assert cross_expert_count(SyNCRecConfig(num_experts=experts)) == expected
@@ -283,7 +286,8 @@ def test_config_round_trip_and_bad_values(tmp_path):
                        ({"harmonic_factor": 0.0}, "harmonic_factor=0.0"), ({"ntg_alpha": 2.0}, "ntg_alpha=2.0"),
                        ({"ntg_beta": 0.0}, "ntg_beta=0.0"), ({"ntg_temperature": 0.0}, "ntg_temperature=0.0"),
                        ({"ntg_coefficients": "frozen"}, "ntg_coefficients='frozen'"), ({"dropout": 1.0}, "dropout=1.0"),
-                       ({"embedding_dim": 0}, "embedding_dim=0"), ({"num_cross_experts": -1}, "num_cross_experts=-1")]:
+                       ({"embedding_dim": 0}, "embedding_dim=0"), ({"num_cross_experts": -1}, "num_cross_experts=-1"),
+                       ({"tower_norm": "mid"}, "tower_norm='mid'")]:
         with pytest.raises(ValueError, match=match):
             registry.build("syncrec", _config(**bad))
     with pytest.raises(ValueError, match=r"domains=\('a',\)"):
