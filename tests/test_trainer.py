@@ -1,5 +1,6 @@
 """Every registered model trains through the Trainer's code path and exports both signatures."""
 
+import argparse
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import tensorflow as tf
 import models
 from components.ingest import beam_pipeline
 from components.trainer import preprocess, task
+from xdctr import cli
 from xdctr import features as F
 
 import modelkit
@@ -116,6 +118,21 @@ def test_item_buckets_are_sized_from_the_train_split_unless_given(examples):
     assert resolve({}).item_buckets == models.config.InputConfig().item_buckets  # no data to size from
     # At the auto size fewer items collide (about 1 - exp(-n / B) ~ 11% here): no warning.
     assert task.item_hashing(files, contract, auto)["colliding_item_fraction"] < task.COLLISION_WARNING
+
+
+def test_the_clis_early_config_check_takes_the_item_buckets_shortcut_and_auto():
+    for overrides in ({"item_buckets": "auto"}, {"item_buckets": 512}, {"inputs": {"item_buckets": "auto"}},
+                      {"inputs": {"item_buckets": 300}, "dropout": 0.2}):
+        task.check_model_config("dnn_multi", overrides)
+    with pytest.raises(ValueError, match="expects int"):
+        task.check_model_config("dnn_multi", {"item_buckets": "many"})
+    with pytest.raises(ValueError, match="unknown config field `buckets`"):
+        task.check_model_config("dnn_multi", {"buckets": 512})
+    args = argparse.Namespace(models=["dnn_multi", "man"], set=["item_buckets=auto", "dropout=0.1"],
+                              early_stopping_patience=1)
+    assert cli._benchmark_models(args) == (["dnn_multi", "man"], {"item_buckets": "auto", "dropout": 0.1})
+    with pytest.raises(cli.UsageError, match="expects int"):
+        cli._benchmark_models(argparse.Namespace(models=["man"], set=["item_buckets=many"], early_stopping_patience=1))
 
 
 def test_phase_steps_split_by_share_with_at_least_one_step_each():

@@ -118,15 +118,14 @@ def _cmd_ingest(args) -> int:
 def _pipeline_args(args, local: bool) -> dict:
     import json
 
-    import models
     from components.evaluation.eval_config import Thresholds
-    from components.trainer.task import TrainingConfig
+    from components.trainer import task
     from models import config as config_lib
 
     overrides = config_lib.load_overrides(args.model_config)
     overrides.update(config_lib.parse_assignments(args.set or []))
-    models.resolve_config(args.model, overrides)  # fail early on a bad config
-    training = TrainingConfig(batch_size=args.batch_size, learning_rate=args.learning_rate, epochs=args.epochs,
+    task.check_model_config(args.model, overrides)  # fail early on a bad config
+    training = task.TrainingConfig(batch_size=args.batch_size, learning_rate=args.learning_rate, epochs=args.epochs,
                               seed=args.seed, early_stopping_patience=args.early_stopping_patience,
                               objective=args.objective, ranking_negatives=args.ranking_negatives,
                               mixed_precision=args.mixed_precision, jit_compile=args.jit_compile)
@@ -215,6 +214,7 @@ def _cmd_benchmark_ingest(args) -> int:
 def _benchmark_models(args) -> tuple:
     """(model names, config overrides) of a training benchmark's flags, checked."""
     import models
+    from components.trainer import task
     from models import config as config_lib
 
     names = args.models or models.names()
@@ -224,7 +224,7 @@ def _benchmark_models(args) -> tuple:
     try:
         overrides = config_lib.parse_assignments(args.set or [])
         for name in names:
-            models.resolve_config(name, overrides)
+            task.check_model_config(name, overrides)
     except ValueError as e:
         raise UsageError(str(e)) from e
     if args.early_stopping_patience < 1:

@@ -105,10 +105,7 @@ def resolve_model_config(model_name: str, model_overrides: dict, contract: F.Con
     1 - exp(-n / B), 6-12% of the items, then share a bucket. Without `train_files` the
     `InputConfig` default applies.
     """
-    overrides = dict(model_overrides or {})
-    inputs = dict(overrides.pop("inputs", {}) or {})
-    if "item_buckets" in overrides:
-        inputs["item_buckets"] = overrides.pop("item_buckets")
+    overrides, inputs = _split_inputs(model_overrides)
     if inputs.get("item_buckets", AUTO) == AUTO:
         inputs.pop("item_buckets", None)
         if train_files:
@@ -117,6 +114,24 @@ def resolve_model_config(model_name: str, model_overrides: dict, contract: F.Con
     inputs.update(domains=list(contract.domains), history_length=contract.history_length,
                   domain_history_length=contract.domain_history_length)
     return models.resolve_config(model_name, {**overrides, "inputs": inputs})
+
+
+def _split_inputs(model_overrides: dict) -> tuple:
+    """(overrides without `inputs`, the `inputs` overrides with a top-level `item_buckets` moved in)."""
+    overrides = dict(model_overrides or {})
+    inputs = dict(overrides.pop("inputs", {}) or {})
+    if "item_buckets" in overrides:
+        inputs["item_buckets"] = overrides.pop("item_buckets")
+    return overrides, inputs
+
+
+def check_model_config(model_name: str, model_overrides: dict):
+    """Raises ValueError where `resolve_model_config` would, before any data exists (the CLI's early
+    check): the same `item_buckets` shortcut and "auto" are accepted."""
+    overrides, inputs = _split_inputs(model_overrides)
+    if inputs.get("item_buckets") == AUTO:
+        inputs.pop("item_buckets")
+    models.resolve_config(model_name, {**overrides, "inputs": inputs})
 
 
 def item_hashing(train_files, contract: F.Contract, item_buckets: int) -> dict:
