@@ -134,7 +134,7 @@ def export(workdir: str, out_dir: str, history_length: int = F.DEFAULT_HISTORY_L
     pools = task.ranking_items(files, contract, inputs)
     user_items = [np.array(sorted(items), dtype=np.int64) for items in seqs.user_items]
     _save(os.path.join(out_dir, "catalogue.npz"), {
-        "item_bucket": preprocess.hash_ids(tf.constant(seqs.items, tf.string), inputs.item_buckets).numpy(),
+        "item_bucket": preprocess.item_indices(tf.constant(seqs.items, tf.string), inputs).numpy(),
         "item_domain": seqs.item_domain,
         "user_item_counts": np.array([len(items) for items in user_items]),
         "user_items": np.concatenate(user_items) if user_items else np.zeros(0, np.int64),

@@ -139,7 +139,7 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
     ranking = objective in task.RANKING_OBJECTIVES
     keras.utils.set_random_seed(seed)
     config = task.resolve_model_config(name, overrides, contract, train_files=train_files)
-    hashing = task.item_hashing(train_files, contract, config.inputs.item_buckets)
+    hashing = task.item_hashing(train_files, contract, config.inputs)
     data = dict(config=config.inputs, only_domain=getattr(config, "domain", ""), validation_fraction=validation_fraction,
                 clicks_only=ranking)
     train = preprocess.dataset(train_files, batch_size=batch_size, shuffle=True, seed=seed, holdout="train",

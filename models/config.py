@@ -26,8 +26,13 @@ class InputConfig:
       domains: the domain vocabulary, in index order.
       history_length: length of the mixed-domain history.
       domain_history_length: length of each per-domain history.
-      item_buckets: number of hash buckets for item ids; index 0 is padding.
+      item_buckets: rows of the item tables; index 0 is padding. Without `item_vocabulary`, the
+        number of hash buckets for item ids; with it, n + 1 vocabulary rows then the buckets that
+        ids outside the vocabulary are hashed into.
       user_buckets: number of hash buckets for user ids; index 0 is padding.
+      item_vocabulary: item ids looked up rather than hashed (the k-th -> row k + 1), so that no
+        two of them share a row; empty: every item id is hashed. The Trainer fills it from the
+        train split with `--set item_buckets=vocabulary`.
     """
 
     domains: tuple = ("a", "b")
@@ -35,6 +40,15 @@ class InputConfig:
     domain_history_length: int = 10
     item_buckets: int = 1 << 15
     user_buckets: int = 1 << 15
+    item_vocabulary: tuple = dataclasses.field(default=(), repr=False)  # can be long
+
+    def __post_init__(self):
+        if self.item_vocabulary and self.item_buckets < len(self.item_vocabulary) + 2:
+            raise ValueError(f"`item_buckets` must be >= len(item_vocabulary) + 2 = {len(self.item_vocabulary) + 2} "
+                             f"(padding, the vocabulary, at least one bucket for other ids). "
+                             f"Received: item_buckets={self.item_buckets}")
+        if len(set(self.item_vocabulary)) != len(self.item_vocabulary):
+            raise ValueError("`item_vocabulary` must not repeat an id")
 
     @property
     def num_domains(self) -> int:

@@ -1,5 +1,7 @@
 """Raw tf.Example features -> model inputs: id hashing, domain lookup, time-gap buckets, shapes."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -164,15 +166,19 @@ def test_auto_item_buckets_is_the_next_power_of_two_above_factor_times_items():
         preprocess.auto_item_buckets(10, 0)
 
 
+def _buckets(n, vocabulary=()):
+    return dataclasses.replace(CONFIG, item_buckets=n, item_vocabulary=tuple(vocabulary))
+
+
 def test_hashing_stats_by_hand():
     ids = [b"x", b"y", b"z"]
     # 2 buckets = padding + one real bucket: all 3 items in it; 2 of 3 merged away.
-    assert preprocess.hashing_stats(ids, 2) == {
+    assert preprocess.hashing_stats(ids, _buckets(2)) == {
         "distinct_items": 3, "item_buckets": 2, "occupied_buckets": 1, "colliding_item_fraction": 1.0,
-        "merged_item_fraction": pytest.approx(2 / 3), "merged_bucket_fraction": 1.0}
+        "merged_item_fraction": pytest.approx(2 / 3), "merged_bucket_fraction": 1.0, "item_vocabulary": 0}
     # Many buckets: these three land apart.
     assert len(set(preprocess.hash_ids(tf.constant(ids), 1 << 20).numpy().tolist())) == 3
-    stats = preprocess.hashing_stats(ids, 1 << 20)
+    stats = preprocess.hashing_stats(ids, _buckets(1 << 20))
     assert (stats["occupied_buckets"], stats["colliding_item_fraction"], stats["merged_bucket_fraction"]) == (3, 0.0, 0.0)
     # Two of four items sharing a bucket: find a pair that collides in 5 buckets (4 real).
     pool = [f"i{k}".encode() for k in range(6)]
@@ -181,7 +187,7 @@ def test_hashing_stats_by_hand():
     others = [k for k in range(6) if index[k] != index[pair[0]]]
     singles = [others[0]] + [k for k in others[1:] if index[k] != index[others[0]]][:1]
     chosen = [pool[k] for k in (*pair, *singles)]  # 4 items, 3 buckets: one pair, two alone
-    stats = preprocess.hashing_stats(chosen, 5)
+    stats = preprocess.hashing_stats(chosen, _buckets(5))
     assert (stats["distinct_items"], stats["occupied_buckets"]) == (4, 3)
     assert stats["colliding_item_fraction"] == pytest.approx(2 / 4)
     assert stats["merged_item_fraction"] == pytest.approx(1 / 4)
@@ -226,3 +232,30 @@ def test_shuffled_batches_mix_users_from_every_file_and_from_far_apart(tmp_path)
     assert len({r for r in rows}) > 300  # hundreds of users in one batch of 512 rows
     with pytest.raises(ValueError, match="shuffle_buffer"):
         preprocess.dataset(files, config, 512, shuffle=True, shuffle_buffer=0)
+
+
+def test_item_vocabulary_looks_its_ids_up_and_hashes_the_others_into_the_rows_after_it():
+    config = _buckets(8, ["x", "y", "z"])  # rows: 0 padding, 1-3 the vocabulary, 4-7 other ids
+    ids = tf.constant([[b"y", b"x", b"z"], [F.PAD_ID, b"q", b"w"]])
+    expected_other = (tf.strings.to_hash_bucket_fast([b"q", b"w"], 4) + 4).numpy().tolist()
+    assert preprocess.item_indices(ids, config).numpy().tolist() == [[2, 1, 3], [0, *expected_other]]
+    assert all(4 <= i <= 7 for i in expected_other)
+    # The same inside a tf.data pipeline (a traced function), through the one cached table.
+    mapped = tf.data.Dataset.from_tensor_slices(ids).map(lambda row: preprocess.item_indices(row, config))
+    assert [row.numpy().tolist() for row in mapped] == [[2, 1, 3], [0, *expected_other]]
+    assert preprocess.item_table(config) is preprocess.item_table(config)
+    # Without a vocabulary nothing changes: the ids are hashed.
+    np.testing.assert_array_equal(preprocess.item_indices(ids, _buckets(8)), preprocess.hash_ids(ids, 8))
+    # No two vocabulary ids share a row, whatever the table's size.
+    stats = preprocess.hashing_stats([b"x", b"y", b"z"], config)
+    assert (stats["occupied_buckets"], stats["colliding_item_fraction"], stats["item_vocabulary"]) == (3, 0.0, 3)
+
+
+def test_item_vocabulary_needs_room_for_other_ids_and_no_repeats():
+    with pytest.raises(ValueError, match=r"item_buckets` must be >= len\(item_vocabulary\) \+ 2 = 5"):
+        _buckets(4, ["x", "y", "z"])
+    with pytest.raises(ValueError, match="must not repeat"):
+        _buckets(9, ["x", "y", "x"])
+    with pytest.raises(ValueError, match="item_vocabulary` is empty"):
+        preprocess.item_table(_buckets(8))
+    assert "item_vocabulary" not in repr(_buckets(8, ["x"]))  # long lists stay out of logs

@@ -77,9 +77,10 @@ def test_training_options_early_stopping_mixed_precision_and_holdout(examples, t
     # warned about (~60 items in 255 real buckets: 1 - exp(-60/255) ~ 21% share a bucket).
     hashing = json.loads(open(str(tmp_path / "m" / task.ITEM_HASHING_FILE)).read())
     ids = preprocess.distinct_item_ids(_files(examples, F.TRAIN_SPLIT), contract)
-    assert hashing == preprocess.hashing_stats(ids, 256)
+    assert hashing == preprocess.hashing_stats(ids, models.config.InputConfig(item_buckets=256))
     assert hashing["colliding_item_fraction"] > task.COLLISION_WARNING
     assert "share one of the 256 buckets" in caplog.text and "item_buckets=auto" in caplog.text
+    assert "item_buckets=vocabulary" in caplog.text
     history = model.history.history
     # A huge learning rate overfits at once: validation loss stops improving, so training stops
     # before the 4th epoch; the policy is back to float32 afterwards.
@@ -117,7 +118,44 @@ def test_item_buckets_are_sized_from_the_train_split_unless_given(examples):
     assert resolve({"item_buckets": 512}, train_files=files).item_buckets == 512  # --set item_buckets=512
     assert resolve({}).item_buckets == models.config.InputConfig().item_buckets  # no data to size from
     # At the auto size fewer items collide (about 1 - exp(-n / B) ~ 11% here): no warning.
-    assert task.item_hashing(files, contract, auto)["colliding_item_fraction"] < task.COLLISION_WARNING
+    assert task.item_hashing(files, contract, resolve({}, train_files=files))["colliding_item_fraction"] < \
+        task.COLLISION_WARNING
+
+
+def test_item_vocabulary_from_the_train_split_is_trained_exported_and_served(examples, tmp_path):
+    contract = beam_pipeline.read_contract(examples)
+    files = _files(examples, F.TRAIN_SPLIT)
+    out = str(tmp_path / "m")
+    model = task.train_and_export("mean_pool_dnn", {"item_buckets": "vocabulary"}, contract, files,
+                                  serving_model_dir=out, log_dir=str(tmp_path / "logs"), train_steps=4,
+                                  validation_steps=1, training=task.TrainingConfig(batch_size=16))
+    ids = [i.decode() for i in preprocess.distinct_item_ids(files, contract)]
+    n = len(ids)
+    inputs = model.config.inputs
+    assert list(inputs.item_vocabulary) == ids and inputs.item_buckets == n + 1 + -(-n // 8)
+    assert task.vocabulary_buckets(n) == inputs.item_buckets and task.vocabulary_buckets(0) == 2
+    hashing = json.loads(open(os.path.join(out, task.ITEM_HASHING_FILE)).read())
+    assert (hashing["distinct_items"], hashing["occupied_buckets"], hashing["colliding_item_fraction"]) == (n, n, 0.0)
+    saved = json.loads(open(os.path.join(out, "model_config.json")).read())
+    assert saved["config"]["inputs"]["item_vocabulary"] == ids
+    name, config, reloaded = task.load_trained_model(out)  # the vocabulary round-trips (fine-tuning's path)
+    assert (name, config.inputs) == ("mean_pool_dnn", inputs)
+
+    # The SavedModel carries the table: its scores equal the Keras model's on the same rows.
+    serialized = [r.numpy() for r in tf.data.TFRecordDataset(_files(examples, F.EVAL_SPLIT), compression_type="GZIP").take(6)]
+    loaded = tf.saved_model.load(out)
+    served = loaded.signatures[F.SERVING_SIGNATURE](**{F.SERVING_INPUT: tf.constant(serialized)})[F.SERVING_OUTPUT]
+    keras_inputs = preprocess.to_model_inputs(preprocess.parse(tf.constant(serialized), inputs), inputs)
+    np.testing.assert_allclose(served.numpy(), model(keras_inputs)[F.SERVING_OUTPUT].numpy().reshape(-1), atol=1e-5)
+    # An id the vocabulary lacks is scored too (one of the rows after the vocabulary).
+    scored = loaded.signatures[F.SCORE_CANDIDATES_SIGNATURE](**{
+        F.SERVING_INPUT: tf.constant(serialized[:1]),
+        F.CANDIDATE_ITEM_IDS: tf.constant([ids[0].encode(), b"grocery:never-seen"]),
+        F.CANDIDATE_DOMAINS: tf.constant([ids[0].split(":")[0].encode(), b"grocery"]),
+    })[F.SERVING_OUTPUT].numpy()
+    assert scored.shape == (2,) and np.all((scored > 0) & (scored < 1))
+    with pytest.raises(ValueError, match="needs the train split"):
+        task.resolve_model_config("mean_pool_dnn", {"item_buckets": "vocabulary"}, contract)
 
 
 def test_the_clis_early_config_check_takes_the_item_buckets_shortcut_and_auto():

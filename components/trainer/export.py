@@ -19,12 +19,15 @@ from xdctr import features as F
 
 
 class ServingModule(tf.Module):
-    """Wraps a Keras `CTRModel` with the in-graph parsing and id hashing it was trained with."""
+    """Wraps a Keras `CTRModel` with the in-graph parsing and id hashing (or item vocabulary) it was
+    trained with."""
 
     def __init__(self, model, input_config: InputConfig):
         super().__init__()
         self.model = model
         self._input_config = input_config
+        if input_config.item_vocabulary:
+            self.item_table = preprocess.item_table(input_config)  # tracked, so the SavedModel keeps it
 
     def _inputs(self, examples):
         return preprocess.to_model_inputs(preprocess.parse(examples, self._input_config), self._input_config)
@@ -48,7 +51,7 @@ class ServingModule(tf.Module):
         context = tf.nest.map_structure(lambda t: tf.repeat(t, n, axis=0), context)  # (N, ...) each
         domains, known = preprocess.domain_index(candidate_domains, config.domains)
         tf.debugging.assert_equal(known, True, message=f"unknown candidate domain; known: {list(config.domains)}")
-        items = preprocess.hash_ids(candidate_item_ids, config.item_buckets)
+        items = preprocess.item_indices(candidate_item_ids, config)
         logits = tf.cast(self.model.score(context, items, domains, training=False), tf.float32)  # (N,)
         return {F.SERVING_OUTPUT: tf.sigmoid(logits), F.RANKING_OUTPUT: logits}
 

@@ -7,8 +7,16 @@ model is self-contained and an unseen id at serving time is just another bucket;
 the price: with n items in B buckets a fraction of about 1 - exp(-n / B) of the items shares its
 bucket with another (57% of Amazon food-kitchen's 28,095 items at B = 2^15). The Trainer sizes
 B from the train split's distinct item ids (`distinct_item_ids`, `auto_item_buckets`) and reports
-the collisions (`hashing_stats`). Domains, few and known, are looked up in the contract's domain
-list; an unknown target domain is an InvalidArgument error.
+the collisions (`hashing_stats`).
+
+With an item vocabulary (`InputConfig.item_vocabulary`, the train split's distinct ids) item ids
+are looked up instead: the k-th id of the vocabulary is index k + 1, so no two known items share
+a row, and the table needs n + 1 rows rather than 8n. Ids outside the vocabulary are hashed into
+the rows after it (`item_indices`). The vocabulary is a lookup table inside the graph, saved with
+the SavedModel, which stays self-contained.
+
+Domains, few and known, are looked up in the contract's domain list; an unknown target domain is
+an InvalidArgument error.
 """
 
 from __future__ import annotations
@@ -24,6 +32,43 @@ def hash_ids(ids: tf.Tensor, buckets: int) -> tf.Tensor:
     """String ids -> int32 indices in [1, buckets); the padding id maps to 0."""
     hashed = tf.strings.to_hash_bucket_fast(ids, buckets - 1) + 1
     return tf.cast(tf.where(tf.equal(ids, F.PAD_ID), tf.zeros_like(hashed), hashed), tf.int32)
+
+
+def item_table(config: InputConfig):
+    """The lookup table of `config.item_vocabulary` (id -> position), built once per vocabulary.
+
+    Created eagerly (`tf.init_scope`) even when first asked for inside a traced function, so that
+    tf.data pipelines and the export module share one table resource; an object that saves the
+    table (the export module) must hold it as an attribute.
+    """
+    if not config.item_vocabulary:
+        raise ValueError("`item_vocabulary` is empty: item ids are hashed, there is no table")
+    key = (id(config.item_vocabulary), len(config.item_vocabulary))
+    cached = _ITEM_TABLES.get(key)
+    if cached is not None and cached[0] is config.item_vocabulary:
+        return cached[1]
+    with tf.init_scope():
+        keys = tf.constant(list(config.item_vocabulary), tf.string)
+        values = tf.range(len(config.item_vocabulary), dtype=tf.int64)
+        table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, values), default_value=-1)
+    _ITEM_TABLES[key] = (config.item_vocabulary, table)  # the tuple is kept, so its id stays unique
+    return table
+
+
+_ITEM_TABLES: dict = {}
+
+
+def item_indices(ids: tf.Tensor, config: InputConfig) -> tf.Tensor:
+    """String item ids -> int32 rows of the item table: hashed (`hash_ids`) without a vocabulary;
+    with one, the k-th vocabulary id -> k + 1, other ids -> n + 1 + hash mod (item_buckets - n - 1)
+    (the rows after the vocabulary); the padding id -> 0 either way."""
+    if not config.item_vocabulary:
+        return hash_ids(ids, config.item_buckets)
+    n = len(config.item_vocabulary)
+    position = item_table(config).lookup(ids)
+    unknown = tf.strings.to_hash_bucket_fast(ids, config.item_buckets - n - 1) + n + 1
+    index = tf.where(position >= 0, position + 1, unknown)
+    return tf.cast(tf.where(tf.equal(ids, F.PAD_ID), tf.zeros_like(index), index), tf.int32)
 
 
 ITEM_ID_FEATURES = (F.ITEM_ID, F.HISTORY_ITEM_IDS)  # every item a row names (the per-domain rows repeat these)
@@ -81,8 +126,9 @@ def auto_item_buckets(num_items: int, factor: int) -> int:
     return max(4, 1 << int(factor * num_items).bit_length())
 
 
-def hashing_stats(item_ids, buckets: int) -> dict:
-    """How the distinct `item_ids` (bytes) fall into `buckets` hash buckets.
+def hashing_stats(item_ids, config: InputConfig) -> dict:
+    """How the distinct `item_ids` (bytes) fall into the rows of `config`'s item table (its
+    `item_buckets` hash buckets, or its vocabulary; see `item_indices`).
 
     Returns distinct_items, item_buckets, occupied_buckets; colliding_item_fraction (items that
     share their bucket with another item); merged_item_fraction (1 - occupied / items: the items
@@ -91,11 +137,12 @@ def hashing_stats(item_ids, buckets: int) -> dict:
     """
     item_ids = list(item_ids)
     n = len(item_ids)
-    indices = hash_ids(tf.constant(item_ids, tf.string), buckets).numpy() if n else np.zeros(0, np.int32)
+    indices = item_indices(tf.constant(item_ids, tf.string), config).numpy() if n else np.zeros(0, np.int32)
     _, counts = np.unique(indices, return_counts=True)
     occupied = int(len(counts))
     return {
-        "distinct_items": n, "item_buckets": int(buckets), "occupied_buckets": occupied,
+        "distinct_items": n, "item_buckets": int(config.item_buckets), "occupied_buckets": occupied,
+        "item_vocabulary": len(config.item_vocabulary),
         "colliding_item_fraction": float(counts[counts > 1].sum() / n) if n else 0.0,
         "merged_item_fraction": float(1.0 - occupied / n) if n else 0.0,
         "merged_bucket_fraction": float((counts > 1).sum() / occupied) if occupied else 0.0,
@@ -139,13 +186,13 @@ def to_model_inputs(raw: dict, config: InputConfig) -> dict:
     history_domain, _ = domain_index(raw[F.HISTORY_DOMAINS], config.domains)
     return {
         F.USER_ID: hash_ids(raw[F.USER_ID], config.user_buckets),
-        F.ITEM_ID: hash_ids(raw[F.ITEM_ID], config.item_buckets),
+        F.ITEM_ID: item_indices(raw[F.ITEM_ID], config),
         F.DOMAIN: domain,
-        F.HISTORY_ITEM_IDS: hash_ids(raw[F.HISTORY_ITEM_IDS], config.item_buckets),
+        F.HISTORY_ITEM_IDS: item_indices(raw[F.HISTORY_ITEM_IDS], config),
         F.HISTORY_DOMAINS: history_domain,
         F.HISTORY_MASK: tf.not_equal(raw[F.HISTORY_ITEM_IDS], F.PAD_ID),
         F.HISTORY_TIME_GAPS: time_gap_buckets(raw[F.TIMESTAMP], raw[F.HISTORY_TIMESTAMPS]),
-        F.DOMAIN_HISTORY_ITEM_IDS: hash_ids(raw[F.DOMAIN_HISTORY_ITEM_IDS], config.item_buckets),
+        F.DOMAIN_HISTORY_ITEM_IDS: item_indices(raw[F.DOMAIN_HISTORY_ITEM_IDS], config),
         F.DOMAIN_HISTORY_MASK: tf.not_equal(raw[F.DOMAIN_HISTORY_ITEM_IDS], F.PAD_ID),
         F.TARGET_DOMAIN_CLICKS: tf.cast(raw[F.TARGET_DOMAIN_CLICKS], tf.int32),
         F.OTHER_DOMAIN_CLICKS: tf.cast(raw[F.OTHER_DOMAIN_CLICKS], tf.int32),

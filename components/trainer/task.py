@@ -87,6 +87,11 @@ AUTO = "auto"
 # share a bucket. More buckets collide less but cost train time: Adam updates every row of a table
 # each step (DACDR's step took 2x as long at 2^18 buckets and 3.9x at 2^19 as at 2^15).
 ITEM_BUCKET_FACTOR = 8
+# vocabulary: the train split's distinct item ids are looked up (row k + 1 for the k-th), no two
+# share a row, and the table has n + 1 + ceil(n / VOCABULARY_OOV_DIVISOR) rows: the last ones take
+# the ids outside the vocabulary (items first seen after training), hashed, never trained.
+VOCABULARY = "vocabulary"
+VOCABULARY_OOV_DIVISOR = 8
 COLLISION_WARNING = 0.15  # warn when clearly more of the items share a bucket than auto gives (<= 11.8% expected)
 ITEM_HASHING_FILE = "item_hashing.json"
 
@@ -103,9 +108,16 @@ def resolve_model_config(model_name: str, model_overrides: dict, contract: F.Con
     kept when it is a number. When it is "auto" or absent and `train_files` are given, it is
     `preprocess.auto_item_buckets(distinct item ids of train_files, ITEM_BUCKET_FACTOR)`: about
     1 - exp(-n / B), 6-12% of the items, then share a bucket. Without `train_files` the
-    `InputConfig` default applies.
+    `InputConfig` default applies. "vocabulary" (needs `train_files`) sets `item_vocabulary` to
+    the n distinct item ids of train_files, and `item_buckets` to n + 1 + ceil(n / 8).
     """
     overrides, inputs = _split_inputs(model_overrides)
+    if inputs.get("item_buckets") == VOCABULARY:
+        if not train_files:
+            raise ValueError("item_buckets=vocabulary needs the train split to take the item ids from")
+        vocabulary = tuple(item.decode() for item in _distinct_item_ids(tuple(train_files), contract))
+        inputs["item_vocabulary"] = vocabulary
+        inputs["item_buckets"] = vocabulary_buckets(len(vocabulary))
     if inputs.get("item_buckets", AUTO) == AUTO:
         inputs.pop("item_buckets", None)
         if train_files:
@@ -114,6 +126,12 @@ def resolve_model_config(model_name: str, model_overrides: dict, contract: F.Con
     inputs.update(domains=list(contract.domains), history_length=contract.history_length,
                   domain_history_length=contract.domain_history_length)
     return models.resolve_config(model_name, {**overrides, "inputs": inputs})
+
+
+def vocabulary_buckets(num_items: int) -> int:
+    """Rows of an item table with a vocabulary of `num_items`: padding, the vocabulary, and
+    ceil(num_items / VOCABULARY_OOV_DIVISOR) (at least 1) for the ids outside it."""
+    return num_items + 1 + max(1, -(-num_items // VOCABULARY_OOV_DIVISOR))
 
 
 def _split_inputs(model_overrides: dict) -> tuple:
@@ -127,25 +145,33 @@ def _split_inputs(model_overrides: dict) -> tuple:
 
 def check_model_config(model_name: str, model_overrides: dict):
     """Raises ValueError where `resolve_model_config` would, before any data exists (the CLI's early
-    check): the same `item_buckets` shortcut and "auto" are accepted."""
+    check): the same `item_buckets` shortcut, "auto" and "vocabulary" are accepted."""
     overrides, inputs = _split_inputs(model_overrides)
-    if inputs.get("item_buckets") == AUTO:
+    if inputs.get("item_buckets") in (AUTO, VOCABULARY):
         inputs.pop("item_buckets")
     models.resolve_config(model_name, {**overrides, "inputs": inputs})
 
 
-def item_hashing(train_files, contract: F.Contract, item_buckets: int) -> dict:
-    """`preprocess.hashing_stats` of the train split's item ids; logs a warning above COLLISION_WARNING."""
-    stats = preprocess.hashing_stats(_distinct_item_ids(tuple(train_files), contract), item_buckets)
+def item_hashing(train_files, contract: F.Contract, input_config) -> dict:
+    """`preprocess.hashing_stats` of the train split's item ids under `input_config`'s item table;
+    logs a warning above COLLISION_WARNING."""
+    stats = preprocess.hashing_stats(_distinct_item_ids(tuple(train_files), contract), input_config)
+    buckets = input_config.item_buckets
     if stats["colliding_item_fraction"] > COLLISION_WARNING:
         suggested = preprocess.auto_item_buckets(stats["distinct_items"], ITEM_BUCKET_FACTOR)
         logging.warning("item hashing: %.1f%% of the %d distinct item ids share one of the %d buckets with another "
-                        "item (%.1f%% merged away); set item_buckets=auto (%d here) or larger",
-                        100 * stats["colliding_item_fraction"], stats["distinct_items"], item_buckets,
+                        "item (%.1f%% merged away); set item_buckets=vocabulary (none share), item_buckets=auto "
+                        "(%d here) or larger",
+                        100 * stats["colliding_item_fraction"], stats["distinct_items"], buckets,
                         100 * stats["merged_item_fraction"], suggested)
+    elif input_config.item_vocabulary:
+        logging.info("item vocabulary: %d ids looked up, %d rows for other ids; of the train split's %d distinct "
+                     "item ids %.1f%% share a row", len(input_config.item_vocabulary),
+                     buckets - 1 - len(input_config.item_vocabulary), stats["distinct_items"],
+                     100 * stats["colliding_item_fraction"])
     else:
         logging.info("item hashing: %d distinct item ids in %d buckets, %.1f%% share a bucket",
-                     stats["distinct_items"], item_buckets, 100 * stats["colliding_item_fraction"])
+                     stats["distinct_items"], buckets, 100 * stats["colliding_item_fraction"])
     return stats
 
 
@@ -166,7 +192,7 @@ def ranking_items(train_files, contract: F.Contract, input_config) -> list:
     pools = []
     for domain in input_config.domains:
         ids = list(items.get(domain, ()))
-        hashed = preprocess.hash_ids(tf.constant(ids, tf.string), input_config.item_buckets).numpy() if ids else []
+        hashed = preprocess.item_indices(tf.constant(ids, tf.string), input_config).numpy() if ids else []
         pools.append(np.unique(hashed).astype(np.int32))
     return pools
 
@@ -243,7 +269,7 @@ def train_and_export(model_name: str, model_overrides: dict, contract: F.Contrac
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         model_config = resolve_model_config(model_name, model_overrides, contract, train_files=train_files)
-        hashing = item_hashing(train_files, contract, model_config.inputs.item_buckets)
+        hashing = item_hashing(train_files, contract, model_config.inputs)
         # Single-domain baselines name the one domain they are trained and validated on.
         only_domain = getattr(model_config, "domain", "")
         data = dict(config=model_config.inputs, batch_size=training.batch_size, only_domain=only_domain,
