@@ -41,6 +41,11 @@ def finetune_new_domain(model_dir: str, new_domain: str, examples_dir: str, outp
     if contract.domains != expected:
         raise ValueError(f"{examples_dir} has domains {list(contract.domains)}; fine-tuning needs exactly {list(expected)} "
                          f"(ingest with --domains {','.join(expected)})")
+    if old_config.inputs.item_vocabulary:
+        logger.warning("%s was trained with an item vocabulary of %d ids; the new domain's items are not in it and "
+                       "share its %d rows for other ids (train the base model with item_buckets=auto to hash them "
+                       "apart)", model_dir, len(old_config.inputs.item_vocabulary),
+                       old_config.inputs.item_buckets - 1 - len(old_config.inputs.item_vocabulary))
     overrides = config_lib.to_dict(old_config)
     new_config = task.resolve_model_config(name, overrides, contract)
     model = dacdr.expand_domains(old_model, new_config)
