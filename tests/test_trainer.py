@@ -147,6 +147,11 @@ def test_item_vocabulary_from_the_train_split_is_trained_exported_and_served(exa
     served = loaded.signatures[F.SERVING_SIGNATURE](**{F.SERVING_INPUT: tf.constant(serialized)})[F.SERVING_OUTPUT]
     keras_inputs = preprocess.to_model_inputs(preprocess.parse(tf.constant(serialized), inputs), inputs)
     np.testing.assert_allclose(served.numpy(), model(keras_inputs)[F.SERVING_OUTPUT].numpy().reshape(-1), atol=1e-5)
+    # ... and `xdctr serve` loads it the same way.
+    from serving import loader
+    version = loader.load_version(1, out)
+    by_server = version.signatures[F.SERVING_SIGNATURE].run({F.SERVING_INPUT: np.array(serialized, dtype=object)})
+    np.testing.assert_allclose(by_server[F.SERVING_OUTPUT], served.numpy(), atol=1e-6)
     # An id the vocabulary lacks is scored too (one of the rows after the vocabulary).
     scored = loaded.signatures[F.SCORE_CANDIDATES_SIGNATURE](**{
         F.SERVING_INPUT: tf.constant(serialized[:1]),
