@@ -126,9 +126,9 @@ def _pipeline_args(args, local: bool) -> dict:
     overrides.update(config_lib.parse_assignments(args.set or []))
     task.check_model_config(args.model, overrides)  # fail early on a bad config
     training = task.TrainingConfig(batch_size=args.batch_size, learning_rate=args.learning_rate, epochs=args.epochs,
-                              seed=args.seed, early_stopping_patience=args.early_stopping_patience,
-                              objective=args.objective, ranking_negatives=args.ranking_negatives,
-                              mixed_precision=args.mixed_precision, jit_compile=args.jit_compile)
+                                   seed=args.seed, early_stopping_patience=args.early_stopping_patience,
+                                   objective=args.objective, ranking_negatives=args.ranking_negatives,
+                                   mixed_precision=args.mixed_precision, jit_compile=args.jit_compile)
     serving_dir = args.serving_dir if "://" in args.serving_dir else os.path.abspath(args.serving_dir)
     return dict(
         pipeline_name=args.name,
