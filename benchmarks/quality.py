@@ -215,6 +215,19 @@ def _by_model(runs: Sequence[dict], value) -> Dict[str, tuple]:
     return {name: _mean_std(values) for name, values in groups.items()}
 
 
+def _split_run(name: str) -> tuple:
+    """A run's name -> (model, config overrides suffix): "dasl[item_buckets=vocabulary]" ->
+    ("dasl", "[item_buckets=vocabulary]"); "dasl" -> ("dasl", "")."""
+    model, bracket, rest = name.partition("[")
+    return model, bracket + rest
+
+
+def _suffixes(runs: Sequence[dict]) -> List[str]:
+    """The distinct override suffixes of `runs`, sorted ("" first): the targets compare models
+    trained with the same overrides."""
+    return sorted({_split_run(r["model"])[1] for r in runs})
+
+
 GENERATED_DATA_SEED = 0
 GENERATED_EVAL_FRACTION = beam_pipeline.IngestConfig.eval_fraction  # the split `train.prepare_data` ingests with
 
@@ -227,14 +240,14 @@ def targets(results: dict, ceilings: Optional[dict] = None) -> List[str]:
     """
     lines = []
     auc_runs = lambda s: [r for r in results.get(s, []) if r["model"] != "oracle"]  # noqa: E731
-    if "generated" in results:
-        runs = auc_runs("generated")
+    for suffix in _suffixes(auc_runs("generated")):
+        runs = [r for r in auc_runs("generated") if _split_run(r["model"])[1] == suffix]
         auc = _by_model(runs, lambda r: r["quality"]["overall"]["auc"])
         cold = _by_model(runs, lambda r: r["quality"]["cold_start"]["auc"])
-        cross = {m: v for m, v in auc.items() if m in CROSS_DOMAIN and v[0] is not None}
+        cross = {m: v for m, v in auc.items() if _split_run(m)[0] in CROSS_DOMAIN and v[0] is not None}
         if cross:
             best = max(cross, key=lambda m: cross[m][0])
-            baselines = {m: cold[m][0] for m in cold if m not in CROSS_DOMAIN and cold[m][0] is not None}
+            baselines = {m: cold[m][0] for m in cold if _split_run(m)[0] not in CROSS_DOMAIN and cold[m][0] is not None}
             margin = cold[best][0] - max(baselines.values()) if baselines else None
             lines.append(f"- generated: best cross-domain model {best} AUC {cross[best][0]:.4f} (target >= 0.85: "
                          f"{'met' if cross[best][0] >= 0.85 else 'NOT met'}); its cold-start AUC minus the best "
@@ -259,15 +272,16 @@ def targets(results: dict, ceilings: Optional[dict] = None) -> List[str]:
                 lines.append(f"- food-kitchen leave-one-out, {domain}: best HR@10 {best} {hr[best][0]:.4f} "
                              f"(target >= {target}: {'met' if hr[best][0] >= target else 'NOT met'}; ABXI "
                              f"{ranking.PUBLISHED[f'domain={domain}']['hr@10']:.4f})")
-    if "food-kitchen" in results:
-        gauc = _by_model(auc_runs("food-kitchen"), lambda r: r["quality"]["overall"]["gauc"])
-        if BASELINE in gauc:
-            base_mean, base_std = gauc[BASELINE]
-            for model in CROSS_DOMAIN:
+    gauc = _by_model(auc_runs("food-kitchen"), lambda r: r["quality"]["overall"]["gauc"])
+    for suffix in _suffixes(auc_runs("food-kitchen")):
+        baseline = BASELINE + suffix
+        if baseline in gauc:
+            base_mean, base_std = gauc[baseline]
+            for model in (m + suffix for m in CROSS_DOMAIN):
                 if model in gauc:
                     mean, std = gauc[model]
                     spread = 2 * float(np.hypot(std, base_std))
-                    lines.append(f"- food-kitchen AUC protocol: {model} GAUC {mean:.4f} vs {BASELINE} {base_mean:.4f}: "
+                    lines.append(f"- food-kitchen AUC protocol: {model} GAUC {mean:.4f} vs {baseline} {base_mean:.4f}: "
                                  f"{mean - base_mean:+.4f}, 2 std of the difference {spread:.4f} "
                                  f"({'beats it' if mean - base_mean > spread else 'does NOT beat it'} by more than 2 std)")
     return lines

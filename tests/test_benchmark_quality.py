@@ -50,6 +50,26 @@ def test_targets_report_what_was_measured():
     assert with_ceilings[:1] + with_ceilings[2:] == lines
 
 
+def test_targets_compare_runs_trained_with_the_same_overrides():
+    v = "[item_buckets=vocabulary]"
+    results = {
+        "generated": [_auc_run("syncrec" + v, 0, 0.86, 0.85, 0.80), _auc_run("bilinear_recency" + v, 0, 0.84, 0.8, 0.77),
+                      _auc_run("syncrec", 0, 0.84, 0.83, 0.76), _auc_run("bilinear_recency", 0, 0.85, 0.8, 0.78)],
+        "food-kitchen": [_auc_run("dnn_multi", s, 0.53, g, 0.5) for s, g in ((0, 0.530), (1, 0.532))]
+                        + [_auc_run("dasl", s, 0.55, g, 0.5) for s, g in ((0, 0.531), (1, 0.533))]
+                        + [_auc_run("dnn_multi" + v, s, 0.53, g, 0.5) for s, g in ((0, 0.520), (1, 0.522))]
+                        + [_auc_run("dasl" + v, s, 0.55, g, 0.5) for s, g in ((0, 0.545), (1, 0.547))],
+    }
+    lines = quality.targets(results)
+    assert lines[0].startswith("- generated: best cross-domain model syncrec AUC 0.8400 (target >= 0.85: NOT met); "
+                               "its cold-start AUC minus the best baseline's (bilinear_recency): -0.0200")
+    assert lines[1].startswith(f"- generated: best cross-domain model syncrec{v} AUC 0.8600 (target >= 0.85: met); "
+                               f"its cold-start AUC minus the best baseline's (bilinear_recency{v}): +0.0300")
+    assert lines[2].startswith("- food-kitchen AUC protocol: dasl GAUC 0.5320 vs dnn_multi 0.5310: +0.0010")
+    assert lines[3].startswith(f"- food-kitchen AUC protocol: dasl{v} GAUC 0.5460 vs dnn_multi{v} 0.5210: +0.0250")
+    assert len(lines) == 4
+
+
 def test_the_generated_set_reports_the_logs_ceilings(tmp_path, monkeypatch):
     """The generated set's section and JSON carry `benchmark oracle`'s ceilings of the same log."""
     import json
