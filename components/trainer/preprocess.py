@@ -21,6 +21,8 @@ an InvalidArgument error.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 
@@ -43,19 +45,15 @@ def item_table(config: InputConfig):
     """
     if not config.item_vocabulary:
         raise ValueError("`item_vocabulary` is empty: item ids are hashed, there is no table")
-    key = (id(config.item_vocabulary), len(config.item_vocabulary))
-    cached = _ITEM_TABLES.get(key)
-    if cached is not None and cached[0] is config.item_vocabulary:
-        return cached[1]
+    return _vocabulary_table(config.item_vocabulary)
+
+
+@functools.lru_cache(maxsize=None)
+def _vocabulary_table(vocabulary: tuple):
     with tf.init_scope():
-        keys = tf.constant(list(config.item_vocabulary), tf.string)
-        values = tf.range(len(config.item_vocabulary), dtype=tf.int64)
-        table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, values), default_value=-1)
-    _ITEM_TABLES[key] = (config.item_vocabulary, table)  # the tuple is kept, so its id stays unique
-    return table
-
-
-_ITEM_TABLES: dict = {}
+        keys = tf.constant(list(vocabulary), tf.string)
+        values = tf.range(len(vocabulary), dtype=tf.int64)
+        return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, values), default_value=-1)
 
 
 def item_indices(ids: tf.Tensor, config: InputConfig) -> tf.Tensor:
