@@ -34,6 +34,7 @@ impressions of the 123,403), which checks that the two agree.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -57,6 +58,12 @@ CEILINGS = {
 
 POSTERIOR = "posterior"
 CLICK_POSTERIOR = "posterior, clicks only"
+
+
+def click_posterior_name(history_length: Optional[int] = None) -> str:
+    """The click posterior's row: `CLICK_POSTERIOR`, or with its clicks window."""
+    return CLICK_POSTERIOR if history_length is None else f"posterior, last {history_length} clicks only"
+
 DEFAULT_SAMPLES_PER_GROUP = 256
 
 
@@ -131,14 +138,16 @@ def posterior_logits(columns: dict, log: generator.LogGenerator, samples_per_gro
 
 
 def _posterior(columns: dict, log: generator.LogGenerator, taste: np.ndarray, rows: Optional[np.ndarray],
-               user_loglik) -> np.ndarray:
+               user_loglik, clicks_window: Optional[int] = None) -> np.ndarray:
     """The importance-sampling posterior of each wanted row, given a likelihood.
 
     taste: (S, D, dim) draws from the prior. user_loglik(domains, items, labels, logits) gives,
     for one user's K impressions (domain and item indices, labels, each draw's logits (S, K)),
     the (S, K) log-likelihood each impression adds for the impressions after it. Each wanted row
     gets the draws' click probabilities weighted by the likelihood of the impressions at earlier
-    times; returns the logits, NaN where `rows` is False.
+    times, or with `clicks_window` of the last `clicks_window` clicks at earlier times only (the
+    likelihood must then be 0 at every impression not clicked); returns the logits, NaN where
+    `rows` is False.
     """
     config = log.config
     domain_index = {name: d for d, name in enumerate(config.domains)}
@@ -158,10 +167,16 @@ def _posterior(columns: dict, log: generator.LogGenerator, taste: np.ndarray, ro
         user_domains, ts = domains[start:end], columns["ts"][start:end]
         logits = np.einsum("skd,kd->sk", taste[:, user_domains, :], vectors[start:end]) + rest[start:end]  # (S, K)
         loglik = user_loglik(user_domains, items[start:end], labels[start:end], logits)  # (S, K)
-        before = np.concatenate([np.zeros((len(taste), 1)), np.cumsum(loglik, axis=1)], axis=1)  # (S, K+1)
         first_at_time = np.searchsorted(ts, ts, side="left")  # impressions at the same time are not earlier
         keep = np.flatnonzero(wanted[start:end])
-        weights = before[:, first_at_time[keep]]  # (S, kept): log weights
+        if clicks_window is None:
+            before = np.concatenate([np.zeros((len(taste), 1)), np.cumsum(loglik, axis=1)], axis=1)  # (S, K+1)
+            weights = before[:, first_at_time[keep]]  # (S, kept): log weights
+        else:
+            clicked = np.flatnonzero(labels[start:end])
+            before = np.concatenate([np.zeros((len(taste), 1)), np.cumsum(loglik[:, clicked], axis=1)], axis=1)
+            seen = np.searchsorted(clicked, first_at_time[keep], side="left")  # (kept,): clicks at earlier times
+            weights = before[:, seen] - before[:, np.maximum(seen - clicks_window, 0)]  # (S, kept): the last ones'
         weights = np.exp(weights - weights.max(axis=0, keepdims=True))
         ctr = np.sum(weights / (1.0 + np.exp(-logits[:, keep])), axis=0) / weights.sum(axis=0)  # (kept,)
         ctr = np.clip(ctr, 1e-12, 1 - 1e-12)
@@ -182,7 +197,7 @@ def _taste_draws(log: generator.LogGenerator, samples_per_group: int, seed: int)
 
 def click_posterior_logits(columns: dict, log: generator.LogGenerator,
                            samples_per_group: int = DEFAULT_SAMPLES_PER_GROUP, seed: int = 0,
-                           rows: Optional[np.ndarray] = None) -> np.ndarray:
+                           rows: Optional[np.ndarray] = None, history_length: Optional[int] = None) -> np.ndarray:
     """Logit of P(click | the user's clicks at earlier times) for each row: `posterior_logits`
     with the likelihood of what a model's history features show, the clicked items alone.
 
@@ -202,8 +217,15 @@ def click_posterior_logits(columns: dict, log: generator.LogGenerator,
     a click-history model's ceiling rather than a proven bound; `posterior_logits` (every
     impression) is the bound.
 
+    `history_length` conditions on the last `history_length` earlier clicks only, what the
+    ingestion's mixed history of that length shows (its default, `F.DEFAULT_HISTORY_LENGTH`, cuts
+    the clicks of heavy users); None: every earlier click. The drift enters whole either way (it
+    keeps 0.7^k of the click k steps back, so clicks beyond the window add almost nothing to it).
+
     Args and returns as `posterior_logits`; the same seed gives the same draws.
     """
+    if history_length is not None and history_length < 1:
+        raise ValueError(f"`history_length` must be >= 1 or None. Received: history_length={history_length!r}")
     config = log.config
     taste = _taste_draws(log, samples_per_group, seed)  # (S, D, dim)
     # taste . v of every draw and item: (D, S, items)
@@ -223,15 +245,16 @@ def click_posterior_logits(columns: dict, log: generator.LogGenerator,
             recent = generator.DRIFT_KEEP * recent + generator.DRIFT_ADD * vectors[items[k]] * np.sqrt(config.dim)
         return loglik
 
-    return _posterior(columns, log, taste, rows, clicks_of)
+    return _posterior(columns, log, taste, rows, clicks_of, clicks_window=history_length)
 
 
 def ceilings(columns: dict, eval_fraction: float = 0.2, posterior: Optional[np.ndarray] = None,
-             click_posterior: Optional[np.ndarray] = None) -> dict:
+             click_posterior: Optional[np.ndarray] = None, click_history_length: Optional[int] = None) -> dict:
     """{slice: {ceiling: {auc, gauc, examples}}} for the slices "overall" and "cold_start".
 
     `posterior`, `click_posterior`: `posterior_logits` and `click_posterior_logits` of (at
-    least) the eval rows, for their rows.
+    least) the eval rows, for their rows; the latter computed with `click_history_length`, which
+    names its row (`click_posterior_name`).
     """
     in_eval = eval_mask(columns["ts"], eval_fraction)
     result = {}
@@ -240,7 +263,7 @@ def ceilings(columns: dict, eval_fraction: float = 0.2, posterior: Optional[np.n
     if posterior is not None:
         scorers[POSTERIOR] = lambda mask: posterior[mask]
     if click_posterior is not None:
-        scorers[CLICK_POSTERIOR] = lambda mask: click_posterior[mask]
+        scorers[click_posterior_name(click_history_length)] = lambda mask: click_posterior[mask]
     for slice_name, mask in (("overall", in_eval), ("cold_start", in_eval & columns["cold_start"])):
         labels, users = columns["label"][mask], columns["user"][mask]
         result[slice_name] = {}
@@ -263,26 +286,32 @@ def markdown(result: dict) -> str:
 
 
 def compute(users: int, seed: int, eval_fraction: float, samples_per_group: int = DEFAULT_SAMPLES_PER_GROUP,
-            posterior_seed: int = 0, click_samples_per_group: int = 0) -> dict:
+            posterior_seed: int = 0, click_samples_per_group: int = 0,
+            click_history_length: Optional[int] = None) -> dict:
     """The ceilings of the generated log (`users`, `seed`): {"results": `ceilings`, "posterior" and
     "click_posterior": their settings and seconds, or None when their draws per group are 0}.
 
     The click posterior is off by default: on the 20,000-user log it took 231 s at 64 draws per
-    group (2 cores, beside two training runs), and its cost grows linearly with the draws."""
+    group (2 cores, beside two training runs), and its cost grows linearly with the draws.
+    `click_history_length`: the click posterior's window (see `click_posterior_logits`)."""
     config = generator.GeneratorConfig(num_users=users, seed=seed)
     log = generator.LogGenerator(config)
     columns = events(log.records_with_parts())
     in_eval = eval_mask(columns["ts"], eval_fraction)
     scores, infos = {}, {}
+    click_posterior = functools.partial(click_posterior_logits, history_length=click_history_length)
     for name, function, draws in (("posterior", posterior_logits, samples_per_group),
-                                  ("click_posterior", click_posterior_logits, click_samples_per_group)):
+                                  ("click_posterior", click_posterior, click_samples_per_group)):
         scores[name], infos[name] = None, None
         if draws > 0:
             started = time.perf_counter()
             scores[name] = function(columns, log, draws, posterior_seed, rows=in_eval)
             infos[name] = {"samples_per_group": draws, "groups": config.num_groups, "seed": posterior_seed,
                            "seconds": time.perf_counter() - started}
-    return {"results": ceilings(columns, eval_fraction, scores["posterior"], scores["click_posterior"]), **infos}
+    if infos["click_posterior"] is not None:
+        infos["click_posterior"]["history_length"] = click_history_length
+    results = ceilings(columns, eval_fraction, scores["posterior"], scores["click_posterior"], click_history_length)
+    return {"results": results, **infos}
 
 
 def describe(users: int, seed: int, eval_fraction: float, computed: dict) -> str:
@@ -301,13 +330,15 @@ def describe(users: int, seed: int, eval_fraction: float, computed: dict) -> str
 
 def run(users: int, seed: int, eval_fraction: float, out: str,
         samples_per_group: int = DEFAULT_SAMPLES_PER_GROUP, posterior_seed: int = 0,
-        click_samples_per_group: int = 0) -> dict:
+        click_samples_per_group: int = 0, click_history_length: Optional[int] = None) -> dict:
     """Prints the ceilings of the generated log (`users`, `seed`) and writes them to `out`.
 
     samples_per_group, click_samples_per_group: the posteriors' draws per group; 0 leaves the
-    row out (the click posterior's default: see `compute`).
+    row out (the click posterior's default: see `compute`). click_history_length: the click
+    posterior's window of earlier clicks (None: all).
     """
-    computed = compute(users, seed, eval_fraction, samples_per_group, posterior_seed, click_samples_per_group)
+    computed = compute(users, seed, eval_fraction, samples_per_group, posterior_seed, click_samples_per_group,
+                       click_history_length)
     result = computed["results"]
     print(describe(users, seed, eval_fraction, computed) + "\n")
     print(markdown(result))

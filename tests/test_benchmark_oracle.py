@@ -217,6 +217,42 @@ def test_the_click_posterior_ignores_earlier_non_clicks_and_the_posterior_does_n
                   - oracle.posterior_logits(columns, log, 16, rows=rows)[rows]).max() > 1e-6
 
 
+def test_a_window_of_the_last_clicks_equals_dropping_the_clicks_before_it():
+    # Without drift a click's likelihood does not depend on the clicks before it, so conditioning
+    # on the last 2 earlier clicks is conditioning on a log whose earlier clicks are not clicked.
+    log, columns = _log_and_columns(drift_weight=0.0)
+    users, labels, ts = columns["user"], columns["label"], columns["ts"]
+    # A row with at least 4 clicks of its user at earlier times.
+    k = next(i for i in range(len(users)) if ts[i] > ts[i - 1] and users[i] == users[i - 1]
+             and labels[(users == users[i]) & (ts < ts[i])].sum() >= 4)
+    rows = np.zeros(len(users), bool)
+    rows[k] = True
+    earlier_clicks = np.flatnonzero((users == users[k]) & (ts < ts[k]) & (labels == 1))
+    dropped = dict(columns, label=labels.copy())
+    dropped["label"][earlier_clicks[:-2]] = 0
+    windowed = oracle.click_posterior_logits(columns, log, 16, rows=rows, history_length=2)[k]
+    assert windowed == pytest.approx(oracle.click_posterior_logits(dropped, log, 16, rows=rows)[k], abs=1e-9)
+    # It is a different guess from the one of every earlier click, and a window as long as the
+    # history is that one.
+    every = oracle.click_posterior_logits(columns, log, 16, rows=rows)[k]
+    assert abs(windowed - every) > 1e-4
+    long = oracle.click_posterior_logits(columns, log, 16, rows=rows, history_length=len(earlier_clicks))[k]
+    assert long == pytest.approx(every, abs=1e-9)
+    with pytest.raises(ValueError, match="history_length"):
+        oracle.click_posterior_logits(columns, log, 16, rows=rows, history_length=0)
+
+
+def test_the_windowed_click_posterior_row_is_named_by_its_window(tmp_path):
+    out = tmp_path / "oracle.json"
+    printed = oracle.run(SMALL["num_users"], SMALL["seed"], 0.2, str(out), samples_per_group=0,
+                         click_samples_per_group=4, click_history_length=3)
+    name = oracle.click_posterior_name(3)
+    assert name == "posterior, last 3 clicks only" and oracle.click_posterior_name() == oracle.CLICK_POSTERIOR
+    assert name in printed["cold_start"] and oracle.CLICK_POSTERIOR not in printed["overall"]
+    assert 0.5 < printed["overall"][name]["auc"] < printed["overall"]["oracle"]["auc"]
+    assert json.loads(out.read_text())["click_posterior"]["history_length"] == 3
+
+
 def test_the_click_posterior_row_is_below_the_posterior_and_off_by_default(tmp_path):
     out = tmp_path / "oracle.json"
     printed = oracle.run(SMALL["num_users"], SMALL["seed"], 0.2, str(out), samples_per_group=32,
@@ -230,3 +266,17 @@ def test_the_click_posterior_row_is_below_the_posterior_and_off_by_default(tmp_p
     assert f"| {oracle.CLICK_POSTERIOR} |" in oracle.markdown(printed)
     default = oracle.run(SMALL["num_users"], SMALL["seed"], 0.2, str(out), samples_per_group=8)
     assert oracle.CLICK_POSTERIOR not in default["overall"] and json.loads(out.read_text())["click_posterior"] is None
+
+
+def test_the_cli_passes_the_click_window_and_refuses_a_negative_one(tmp_path, capsys):
+    from xdctr import cli
+
+    out = tmp_path / "oracle.json"
+    assert cli.main(["benchmark", "oracle", "--users", "200", "--posterior-samples", "0",
+                     "--click-posterior-samples", "2", "--click-history-length", "-1", "--out", str(out)]) == 2
+    assert "--click-history-length must be >= 0" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["benchmark", "oracle", "--users", "200", "--posterior-samples", "0",
+                     "--click-posterior-samples", "2", "--click-history-length", "5", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["click_posterior"]["history_length"] == 5
+    assert oracle.click_posterior_name(5) in written["results"]["overall"]

@@ -240,8 +240,10 @@ def _cmd_benchmark_oracle(args) -> int:
     for flag in ("posterior_samples", "click_posterior_samples"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.click_history_length < 0:
+        raise UsageError(f"--click-history-length must be >= 0, got {args.click_history_length}")
     oracle.run(args.users, args.seed, args.eval_fraction, args.out, args.posterior_samples, args.posterior_seed,
-               args.click_posterior_samples)
+               args.click_posterior_samples, args.click_history_length or None)
     return 0
 
 
@@ -438,6 +440,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--click-posterior-samples", type=int, default=0,
                    help="the click-only posterior's draws per group (0: no such row; about 10 ms per earlier "
                         "click at 256)")
+    b.add_argument("--click-history-length", type=int, default=0,
+                   help="the click-only posterior reads the last N earlier clicks, as a mixed history of length N "
+                        "does (0: every earlier click)")
     b.add_argument("--out", default="outputs/benchmark/oracle.json", help="JSON results")
     b.set_defaults(func=_cmd_benchmark_oracle)
     b = bsub.add_parser("train", help="examples/s, AUC and GAUC of every model on generated logs")
