@@ -1,6 +1,7 @@
 """SyNCRec: ACMoE layers, SC-MIM and LC-NTG by hand, stop-gradients, losses, ablations, export, JAX."""
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -444,12 +445,19 @@ def test_bpr_objective_by_hand_and_its_gradients():
     assert _training_loss(model, real_inputs, real_labels) < before
 
 
-def test_sampled_softmax_replaces_the_task_losses_and_keeps_ntg_and_sc_mim():
+def test_sampled_softmax_replaces_the_task_losses_and_keeps_ntg_and_sc_mim(caplog):
     model, config = _model(ntg_beta=1.0)
     rows = _rows()
     inputs, labels = _inputs(rows, config), _labels(rows)
     domain_items = [np.arange(1, 20, dtype="int32"), np.arange(30, 50, dtype="int32")]
-    model.set_ranking_objective(domain_items, 6, seed=3)
+    with caplog.at_level(logging.WARNING, logger="models.syncrec"):
+        model.set_ranking_objective(domain_items, 6, seed=3)
+    assert "use_lc_ntg=false" in caplog.text  # LC-NTG starved a domain under this objective
+    caplog.clear()
+    without, _ = _model(use_lc_ntg=False)
+    with caplog.at_level(logging.WARNING, logger="models.syncrec"):
+        without.set_ranking_objective(domain_items, 6, seed=3)
+    assert "LC-NTG" not in caplog.text
     outputs = model(inputs, training=True)
     cross, single = _np(outputs["cross_ranking_logits"]), _np(outputs["single_ranking_logits"])
     assert cross.shape == single.shape == (len(rows), 7)
