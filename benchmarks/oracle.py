@@ -58,13 +58,12 @@ CEILINGS = {
 
 POSTERIOR = "posterior"
 CLICK_POSTERIOR = "posterior, clicks only"
+DEFAULT_SAMPLES_PER_GROUP = 256
 
 
 def click_posterior_name(history_length: Optional[int] = None) -> str:
     """The click posterior's row: `CLICK_POSTERIOR`, or with its clicks window."""
     return CLICK_POSTERIOR if history_length is None else f"posterior, last {history_length} clicks only"
-
-DEFAULT_SAMPLES_PER_GROUP = 256
 
 
 def events(records_with_parts: Iterable[tuple]) -> dict:
