@@ -23,7 +23,8 @@ against what the data allow:
   cold-start impression's posterior knows the user's other domains, and their non-clicks too.
 - posterior, clicks only (optional): the same from the earlier clicks alone, what a model's
   history features show (`click_posterior_logits`); an estimate of a click-history model's
-  ceiling, not a bound.
+  ceiling, not a bound. With `--click-history-length N`, from the last N earlier clicks only, as
+  a mixed history of N clicks shows them.
 
 The split and the slice follow the ingestion's defaults: eval is the last `eval_fraction` of the
 events by time (events at the cutoff time included), and an impression is cold-start when the
