@@ -240,8 +240,9 @@ def targets(results: dict, ceilings: Optional[dict] = None) -> List[str]:
     """
     lines = []
     auc_runs = lambda s: [r for r in results.get(s, []) if r["model"] != "oracle"]  # noqa: E731
-    for suffix in _suffixes(auc_runs("generated")):
-        runs = [r for r in auc_runs("generated") if _split_run(r["model"])[1] == suffix]
+    generated = auc_runs("generated")
+    for suffix in _suffixes(generated):
+        runs = [r for r in generated if _split_run(r["model"])[1] == suffix]
         auc = _by_model(runs, lambda r: r["quality"]["overall"]["auc"])
         cold = _by_model(runs, lambda r: r["quality"]["cold_start"]["auc"])
         cross = {m: v for m, v in auc.items() if _split_run(m)[0] in CROSS_DOMAIN and v[0] is not None}

@@ -237,11 +237,9 @@ def _cmd_benchmark_oracle(args) -> int:
 
     if args.users < 1 or not 0 < args.eval_fraction < 1:
         raise UsageError(f"--users must be >= 1 and --eval-fraction in (0, 1); got {args.users}, {args.eval_fraction}")
-    for flag in ("posterior_samples", "click_posterior_samples"):
+    for flag in ("posterior_samples", "click_posterior_samples", "click_history_length"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    if args.click_history_length < 0:
-        raise UsageError(f"--click-history-length must be >= 0, got {args.click_history_length}")
     oracle.run(args.users, args.seed, args.eval_fraction, args.out, args.posterior_samples, args.posterior_seed,
                args.click_posterior_samples, args.click_history_length or None)
     return 0
