@@ -8,7 +8,7 @@ TensorFlow. The models are backend-agnostic, so the protocol is split in two ste
     `benchmark quality` does (`quality.prepare_loo`) and writes what the models see, as
     `preprocess` makes it, to one folder:
       train-train.npz, train-validation.npz: the train part's click rows (model inputs), by the
-        Trainer's holdout (`preprocess.in_validation`);
+        Trainer's time holdout (`preprocess.validation_cut`);
       cases-valid.npz, cases-test.npz: every ranking case's model inputs
         (`ranking.case_example`, parsed by `preprocess`), with its user and target item code;
       catalogue.npz: every item code's hashed index and domain, every user's item codes (the

@@ -3,10 +3,10 @@
 One generated log (planted cross-domain structure, cold-start users; its data seed fixed by
 `data_seed`) is ingested once, or an ingestion output is given (`examples`). Each model is trained
 for each training seed the way the Trainer's `run_fn` trains it (`components/trainer/task.py`):
-`validation_fraction` of the train split's rows (by the Trainer's hash of user, item and ts) is
-held out, `task.fit` runs the model's phases with validation after every epoch of the last one, and
-Keras' `EarlyStopping` on the validation loss (`patience` epochs, best weights restored) ends
-training at the best epoch, up to `epochs`. The eval split is only scored at the end.
+the latest `validation_fraction` of the train split's rows (the Trainer's time cut,
+`preprocess.validation_cut`) is held out, `task.fit` runs the model's phases with validation
+after every epoch of the last one, and Keras' `EarlyStopping` on the validation loss (`patience`
+epochs, best weights restored) ends training at the best epoch, up to `epochs`. The eval split is only scored at the end.
 
 examples/s is steady-state training throughput: train steps after `warmup` steps, timed from the
 start to the end of each step (validation excluded), times the rows a step trains on (the batch
@@ -140,7 +140,8 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
     keras.utils.set_random_seed(seed)
     config = task.resolve_model_config(name, overrides, contract, train_files=train_files)
     hashing = task.item_hashing(train_files, contract, config.inputs)
-    data = dict(config=config.inputs, only_domain=getattr(config, "domain", ""), validation_fraction=validation_fraction,
+    cut = preprocess.validation_cut(train_files, validation_fraction)
+    data = dict(config=config.inputs, only_domain=getattr(config, "domain", ""), validation_cut_ts=cut,
                 clicks_only=ranking)
     train = preprocess.dataset(train_files, batch_size=batch_size, shuffle=True, seed=seed, holdout="train",
                                repeat=True, **data)
@@ -165,7 +166,7 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
     watched = [float(v) for v in history.history.get(monitor, [])]
     best = (int(np.argmin(watched)) if lower else int(np.argmax(watched))) + 1 if watched else None
     info = {"epochs_run": len(val_loss), "best_epoch": best, "val_loss": [round(v, 6) for v in val_loss],
-            "item_hashing": hashing, "objective": objective}
+            "item_hashing": hashing, "objective": objective, "validation_cut_ts": cut}
     if not lower:
         info.update(monitor=monitor, monitored=[round(v, 6) for v in watched])
     if ranking:

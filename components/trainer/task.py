@@ -38,8 +38,9 @@ class TrainingConfig:
 
     Attributes:
       batch_size, learning_rate (Adam), epochs, seed.
-      validation_fraction: rows of the train split held out for validation and early stopping,
-        chosen by a hash of (user, item, ts), so the eval split stays untouched for the Evaluator.
+      validation_fraction: the latest rows of the train split, held out for validation and early
+        stopping (`preprocess.validation_cut`: a time cut, so that no trained-on row's history shows
+        a held-out click), so the eval split stays untouched for the Evaluator.
       early_stopping_patience: epochs without a better validation loss before training stops
         (the best weights are restored); 0 disables early stopping.
       objective: "pointwise" (binary cross-entropy of every row's label, the CTR task) or
@@ -272,8 +273,11 @@ def train_and_export(model_name: str, model_overrides: dict, contract: F.Contrac
         hashing = item_hashing(train_files, contract, model_config.inputs)
         # Single-domain baselines name the one domain they are trained and validated on.
         only_domain = getattr(model_config, "domain", "")
+        cut = preprocess.validation_cut(train_files, training.validation_fraction)
+        logging.info("validation: the train rows at or after ts %d (the latest %.0f%%)", cut,
+                     100 * training.validation_fraction)
         data = dict(config=model_config.inputs, batch_size=training.batch_size, only_domain=only_domain,
-                    validation_fraction=training.validation_fraction, repeat=True,
+                    validation_cut_ts=cut, repeat=True,
                     clicks_only=training.objective in RANKING_OBJECTIVES)
         train_ds = preprocess.dataset(train_files, shuffle=True, seed=training.seed, holdout="train", **data)
         validation_ds = preprocess.dataset(train_files, holdout="validation", **data)
