@@ -106,39 +106,38 @@ def test_validation_holdout_is_disjoint_and_deterministic(examples):
     assert all(len(b) == 64 for b in validation[:-1])
 
 
-def _raw_rows(files, config):
-    serialized = [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
-    return {k: v.numpy() for k, v in preprocess.parse(tf.constant(serialized), config.inputs).items()}
-
-
 def test_validation_holdout_is_the_latest_rows_and_no_trained_row_shows_its_clicks(examples):
+    from benchmarks import holdout
+
     contract = beam_pipeline.read_contract(examples)
-    config = models.resolve_config("mean_pool_dnn", {"inputs": {"domains": list(contract.domains),
-                                                                "history_length": 4, "domain_history_length": 3}})
     files = _files(examples, F.TRAIN_SPLIT)
-    raw = _raw_rows(files, config)
+    serialized = [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+    raw = tf.io.parse_example(tf.constant(serialized), contract.feature_spec())
     cut = preprocess.validation_cut(files, 0.2)
     held = preprocess.in_validation(raw, cut).numpy()
-    ts = raw[F.TIMESTAMP]
+    ts = raw[F.TIMESTAMP].numpy()
     assert 0.18 < held.mean() < 0.3
     assert ts[~held].max() < cut <= ts[held].min()
+    # No held-out click is in a trained-on row's history; with a random holdout of rows (what the
+    # Trainer used before) most are.
+    by_name = {r["holdout"]: r for r in holdout.measure(files, contract, 0.2, batch_size=50)}
+    assert by_name["time"]["held_out_rows"] == held.sum()
+    assert by_name["time"]["held_out_clicks"] > 20 and by_name["time"]["clicks_shown_to_training"] == 0
+    assert by_name["random rows"]["held_out_clicks"] > 20 and by_name["random rows"]["share_shown"] > 0.5
 
-    def leaked(held):
-        """Clicks (user, item, ts) of held-out rows that some trained-on row's history shows."""
-        clicks = {(u, i, t) for u, i, t, label, h in zip(raw[F.USER_ID], raw[F.ITEM_ID], ts, raw[F.LABEL], held)
-                  if h and label == 1}
-        shown = {(u, i, t) for u, items, times, h in zip(raw[F.USER_ID], raw[F.HISTORY_ITEM_IDS],
-                                                         raw[F.HISTORY_TIMESTAMPS], held)
-                 if not h for i, t in zip(items, times) if i != F.PAD_ID}
-        return clicks, clicks & shown
 
-    clicks, shown = leaked(held)
-    assert len(clicks) > 20 and not shown
-    # A random holdout of rows (what the Trainer used before) shows most held-out clicks to training.
-    key = [b"\x1f".join([u, i, str(t).encode()]) for u, i, t in zip(raw[F.USER_ID], raw[F.ITEM_ID], ts)]
-    random_held = tf.strings.to_hash_bucket_fast(key, 10_000).numpy() < 2_000
-    clicks, shown = leaked(random_held)
-    assert len(shown) > 0.5 * len(clicks)
+def test_holdout_benchmark_prints_a_table_and_writes_json(examples, tmp_path, capsys):
+    from benchmarks import holdout
+
+    out = str(tmp_path / "holdout.json")
+    assert holdout.main(["--examples", examples, "--validation-fraction", "0.2", "--out", out]) == 0
+    written = json.loads(open(out).read())
+    assert [r["holdout"] for r in written["results"]] == ["time", "random rows"]
+    assert written["results"][0]["clicks_shown_to_training"] == 0
+    assert "| time |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        holdout.main(["--examples", str(tmp_path), "--out", out])
+    assert "no train files" in capsys.readouterr().err
 
 
 def test_validation_cut_refuses_what_leaves_nothing_to_train_on(tmp_path, examples):
