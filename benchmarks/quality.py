@@ -110,7 +110,8 @@ def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epoc
             batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True,
             learning_rate: float = 1e-3, negatives: int = LOO_NEGATIVES, objective: str = LOO_OBJECTIVE,
             ranking_negatives: int = RANKING_NEGATIVES,
-            history_length: int = F.DEFAULT_HISTORY_LENGTH, select: str = "val_loss") -> List[dict]:
+            history_length: int = F.DEFAULT_HISTORY_LENGTH, select: str = "val_loss",
+            refit: bool = True) -> List[dict]:
     """Trains, exports and ranks every model and seed on food-kitchen's leave-one-out protocol
     (trained on the train part with `negatives` uniform non-clicks per click);
     the rankings of the references (with `baselines`) come first. Returns the `ranking.evaluate`
@@ -158,7 +159,7 @@ def run_loo(model_names: Sequence[str], workdir: str, seeds: Sequence[int], epoc
             model, config, info = train.train_model(name, overrides, contract, files, rows, seed=seed, epochs=epochs,
                                                     batch_size=batch_size, patience=patience,
                                                     learning_rate=learning_rate, objective=objective,
-                                                    ranking_negatives=ranking_negatives,
+                                                    ranking_negatives=ranking_negatives, refit=refit,
                                                     **_selection(select, valid, seed, max_users))
             trained = time.monotonic() - started
             slug = re.sub(r"[^A-Za-z0-9_.=,-]+", "_", f"{name}{suffix}-{seed}")  # no glob characters in paths
@@ -296,7 +297,7 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
         batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True,
         learning_rate: float = 1e-3, loo_negatives: int = LOO_NEGATIVES, loo_objective: str = LOO_OBJECTIVE,
         ranking_negatives: int = RANKING_NEGATIVES, loo_history_length: int = F.DEFAULT_HISTORY_LENGTH,
-        loo_select: str = "val_loss") -> dict:
+        loo_select: str = "val_loss", refit: bool = True) -> dict:
     """Runs the chosen sets; writes the JSON (`out`) and the Markdown (`markdown_path`).
 
     `overrides` (config field -> value) apply to every model, as in `benchmark train`; without
@@ -315,7 +316,7 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
         if set_name == "food-kitchen-loo":
             results[set_name] = run_loo(model_names, workdir, seeds, epochs, patience, batch_size, max_users,
                                         overrides, baselines, learning_rate, loo_negatives, loo_objective,
-                                        ranking_negatives, loo_history_length, loo_select)
+                                        ranking_negatives, loo_history_length, loo_select, refit)
             sections.append(f"### food-kitchen, leave-one-out\n\n{ranking.markdown(results[set_name])}")
             continue
         set_dir = os.path.join(workdir, set_name)
@@ -330,7 +331,8 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
             examples = prepare_real(workdir, set_name)
         json_path = os.path.join(set_dir, "train.json")
         train.run(list(model_names), set_dir, json_path, users=users, epochs=epochs, batch_size=batch_size,
-                  seeds=seeds, examples=examples, patience=patience, overrides=overrides, learning_rate=learning_rate)
+                  seeds=seeds, examples=examples, patience=patience, overrides=overrides, learning_rate=learning_rate,
+                  refit=refit)
         with open(json_path) as f:
             content = json.load(f)
         results[set_name] = content["results"]

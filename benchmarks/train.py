@@ -117,7 +117,7 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
                 seed: int, epochs: int, batch_size: int = 256, patience: int = 1, validation_fraction: float = 0.1,
                 learning_rate: float = 1e-3, callbacks=(), objective: str = task.POINTWISE,
                 ranking_negatives: int = task.TrainingConfig.ranking_negatives, monitor: str = "val_loss",
-                callbacks_for=None) -> tuple:
+                callbacks_for=None, refit: bool = True) -> tuple:
     """Trains registered model `name` as the Trainer does, with early stopping on the holdout.
 
     `train_rows` is the number of rows in `train_files` (one epoch = train_rows // batch_size
@@ -131,7 +131,9 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
     a higher-is-better quantity a callback adds to the epoch logs (e.g.
     `ranking.validation_ranking_callback`'s); `callbacks_for(model, config)` builds such
     callbacks once the model exists (they run before early stopping). "best_epoch" is the epoch
-    of the best `monitor` ("monitored" lists its values).
+    of the best `monitor` ("monitored" lists its values). With `refit` (the Trainer's default) the
+    returned model is a fresh one, same seed, trained on every train row for the best epoch's number
+    of epochs ("refit_epochs"); `callbacks` and `callbacks_for` watch only the first run.
     """
     training = task.TrainingConfig(batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                                    validation_fraction=validation_fraction, objective=objective,
@@ -161,12 +163,21 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
                        validation_steps=None,
                        callbacks=list(callbacks), final_callbacks=[stopping, _EpochLog(f"{name} seed {seed}")],
                        verbose=0)
-    model.clear_ranking_objective()
     val_loss = [float(v) for v in history.history.get("val_loss", [])]
     watched = [float(v) for v in history.history.get(monitor, [])]
     best = (int(np.argmin(watched)) if lower else int(np.argmax(watched))) + 1 if watched else None
     info = {"epochs_run": len(val_loss), "best_epoch": best, "val_loss": [round(v, 6) for v in val_loss],
             "item_hashing": hashing, "objective": objective, "validation_cut_ts": cut}
+    if refit and best:
+        keras.utils.set_random_seed(seed)
+        model = models.build(name, config)
+        task.compile_model(model, training, train_files, contract, metrics=False)
+        everything = preprocess.dataset(train_files, batch_size=batch_size, shuffle=True, seed=seed, holdout="all",
+                                        repeat=True, **data)
+        task.fit(model, everything.map(_with_label_dict), steps=steps_per_epoch * epochs, epochs=epochs,
+                 last_phase_epochs=best, final_callbacks=[_EpochLog(f"{name} seed {seed} refit")], verbose=0)
+        info["refit_epochs"] = best
+    model.clear_ranking_objective()
     if not lower:
         info.update(monitor=monitor, monitored=[round(v, 6) for v in watched])
     if ranking:
@@ -224,7 +235,8 @@ def run_suffix(overrides: dict) -> str:
 
 def run(model_names: List[str], workdir: str, out: str, users: int = 2000, epochs: int = 10,
         batch_size: int = 256, seeds: Sequence[int] = (0,), warmup: int = 20, examples: str = "", overrides=None,
-        patience: int = 1, validation_fraction: float = 0.1, data_seed: int = 0, learning_rate: float = 1e-3) -> list:
+        patience: int = 1, validation_fraction: float = 0.1, data_seed: int = 0, learning_rate: float = 1e-3,
+        refit: bool = True) -> list:
     """`examples`: an ingestion output to use instead of a generated log (e.g. imported real data).
 
     `epochs` is the most a run trains; early stopping usually ends it sooner. `overrides`
@@ -259,7 +271,7 @@ def run(model_names: List[str], workdir: str, out: str, users: int = 2000, epoch
             model, config, info = train_model(name, overrides, contract, train_files, summary["rows"][F.TRAIN_SPLIT],
                                               seed=seed, epochs=epochs, batch_size=batch_size, patience=patience,
                                               validation_fraction=validation_fraction, learning_rate=learning_rate,
-                                              callbacks=[timer])
+                                              callbacks=[timer], refit=refit)
             examples_per_second = timer.timed_steps * batch_size * (1 - validation_fraction) / timer.seconds()
             quality = _quality(rows, score(model, config, eval_pattern), contract.domains)
             result = {"model": name + suffix, "seed": seed, "examples_per_second": round(examples_per_second),
@@ -279,7 +291,7 @@ def run(model_names: List[str], workdir: str, out: str, users: int = 2000, epoch
     with open(out, "w") as f:
         json.dump({"data": {"examples": examples, "users": users if generated else None,
                             "data_seed": data_seed if generated else None, "seeds": seeds, "max_epochs": epochs,
-                            "patience": patience, "validation_fraction": validation_fraction,
+                            "patience": patience, "validation_fraction": validation_fraction, "refit": refit,
                             "learning_rate": learning_rate,
                             "rows": summary["rows"], "domains": list(contract.domains)},
                    "results": results,

@@ -65,15 +65,23 @@ def test_train_model_stops_early_at_the_best_epoch(tiny_examples):
     overrides = {"inputs": {"item_buckets": 128, "user_buckets": 128}, "embedding_dim": 32, "hidden_units": [64, 64]}
     # A large learning rate on ~1.5k rows: the validation loss turns up within a few epochs.
     model, config, info = train.train_model("dnn_multi", overrides, contract, files, rows, seed=0, epochs=12,
-                                            batch_size=32, patience=1, learning_rate=0.02)
+                                            batch_size=32, patience=1, learning_rate=0.02, refit=False)
     losses = info["val_loss"]
     assert info["epochs_run"] == len(losses) and 2 <= len(losses) < 12
     assert info["best_epoch"] == int(np.argmin(losses)) + 1 and info["epochs_run"] == info["best_epoch"] + 1
+    assert "refit_epochs" not in info
     # The best epoch's weights are restored: the validation loss now is the best one.
     validation = preprocess.dataset(files, config.inputs, 4096, holdout="validation")
     bce = keras.losses.BinaryCrossentropy()
-    now = np.mean([float(bce(y, model(x)[F.SERVING_OUTPUT])) for x, y in validation])
-    assert now == pytest.approx(min(losses), rel=1e-3)
+    loss_on = lambda m: np.mean([float(bce(y, m(x)[F.SERVING_OUTPUT])) for x, y in validation])  # noqa: E731
+    assert loss_on(model) == pytest.approx(min(losses), rel=1e-3)
+    # With a refit (the default) the same selection run is followed by a fresh model trained on every
+    # row, the held-out ones included, for the best epoch's number of epochs.
+    refitted, _, refit_info = train.train_model("dnn_multi", overrides, contract, files, rows, seed=0, epochs=12,
+                                                batch_size=32, patience=1, learning_rate=0.02)
+    assert refit_info["val_loss"] == pytest.approx(losses, rel=1e-3)
+    assert refit_info["refit_epochs"] == info["best_epoch"]
+    assert abs(loss_on(refitted) - min(losses)) > 1e-3
 
 
 def test_train_model_sizes_item_buckets_from_the_train_files(tiny_examples):

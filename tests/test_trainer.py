@@ -68,7 +68,7 @@ def test_model_trains_and_exports(examples, tmp_path, name):
 def test_training_options_early_stopping_mixed_precision_and_holdout(examples, tmp_path, caplog):
     contract = beam_pipeline.read_contract(examples)
     training = task.TrainingConfig(batch_size=16, epochs=6, early_stopping_patience=1, mixed_precision=True,
-                                   jit_compile=False, validation_fraction=0.3, learning_rate=0.5)
+                                   jit_compile=False, validation_fraction=0.3, learning_rate=0.5, refit=False)
     with caplog.at_level(logging.WARNING):
         model = task.train_and_export("mean_pool_dnn", SMALL_INPUTS, contract, _files(examples, F.TRAIN_SPLIT),
                                       serving_model_dir=str(tmp_path / "m"), log_dir=str(tmp_path / "logs"),
@@ -87,6 +87,41 @@ def test_training_options_early_stopping_mixed_precision_and_holdout(examples, t
     assert len(history["val_loss"]) < 6
     assert keras.mixed_precision.global_policy().name == "float32"
     assert os.listdir(str(tmp_path / "logs"))  # TensorBoard wrote its logs
+
+
+def test_refit_trains_a_fresh_model_on_every_row_for_the_best_epochs(examples, tmp_path, monkeypatch):
+    """After early stopping picks the best epoch on the latest rows, a fresh model with the same seed
+    trains that many epochs on every train row (held-out rows included) and is the one exported."""
+    contract = beam_pipeline.read_contract(examples)
+    runs = []
+    fit = task.fit
+
+    def recording_fit(model, train_ds, **kwargs):
+        history = fit(model, train_ds, **kwargs)
+        runs.append({"kwargs": kwargs, "history": dict(history.history), "model": model,
+                     "users": sum(len(x[F.USER_ID]) for x, _ in train_ds.take(kwargs["steps"] // kwargs["epochs"]))})
+        return history
+
+    monkeypatch.setattr(task, "fit", recording_fit)
+    training = task.TrainingConfig(batch_size=16, epochs=6, early_stopping_patience=1, learning_rate=0.5)
+    model = task.train_and_export("mean_pool_dnn", SMALL_INPUTS, contract, _files(examples, F.TRAIN_SPLIT),
+                                  serving_model_dir=str(tmp_path / "m"), log_dir=str(tmp_path / "logs"),
+                                  train_steps=60, validation_steps=2, training=training)
+    selection, refit = runs
+    losses = selection["history"]["val_loss"]
+    best = int(np.argmin(losses)) + 1
+    assert len(losses) < 6 and refit["kwargs"]["last_phase_epochs"] == best
+    assert "val_loss" not in refit["history"] and len(refit["history"]["loss"]) == best
+    assert refit["model"] is model and selection["model"] is not model
+    # The refit reads full batches (no row is held out); the first run's batches miss the held-out rows.
+    assert refit["users"] == 16 * 10 and selection["users"] < 16 * 10
+    # Without early stopping there is nothing to select: one run, on every row.
+    runs.clear()
+    task.train_and_export("mean_pool_dnn", SMALL_INPUTS, contract, _files(examples, F.TRAIN_SPLIT),
+                          serving_model_dir=str(tmp_path / "n"), log_dir=str(tmp_path / "logs2"),
+                          train_steps=6, validation_steps=2,
+                          training=task.TrainingConfig(batch_size=16, epochs=2, early_stopping_patience=0))
+    assert len(runs) == 1 and runs[0]["kwargs"]["last_phase_epochs"] == 2 and runs[0]["users"] == 16 * 3
 
 
 def test_validation_holdout_is_disjoint_and_deterministic(examples):
