@@ -55,8 +55,9 @@ class TrainingConfig:
       mixed_precision: train with the `mixed_float16` policy (float32 variables and outputs).
       jit_compile: compile the train step with XLA.
       refit: after early stopping has picked the best epoch on the held-out latest rows, train a
-        fresh model (same seed) on every train row for that many epochs and export it; without
-        early stopping, train once on every row. False exports the early-stopped model, which
+        fresh model (same seed) on every train row for that many epochs and export it. Without
+        early stopping, or with one epoch (nothing to choose), the Trainer trains once, on every
+        row, whatever `refit` says. False exports the early-stopped model, which
         never saw the latest `validation_fraction` of the rows: on food-kitchen that cost about
         0.03 AUC on the eval split (README, "The validation holdout").
     """
@@ -299,7 +300,9 @@ def train_and_export(model_name: str, model_overrides: dict, contract: F.Contrac
         train_ds = lambda holdout: preprocess.dataset(train_files, shuffle=True, seed=training.seed,  # noqa: E731
                                                       holdout=holdout, **data).map(_with_label_dict)
         refit_epochs = training.epochs
-        if training.early_stopping_patience:
+        # Early stopping chooses among epochs; with one epoch there is no choice to make.
+        select = training.early_stopping_patience and training.epochs > 1
+        if select:
             validation_ds = preprocess.dataset(train_files, holdout="validation", **data)
             stopping = keras.callbacks.EarlyStopping(monitor="val_loss", restore_best_weights=True,
                                                      patience=training.early_stopping_patience)
@@ -308,8 +311,8 @@ def train_and_export(model_name: str, model_overrides: dict, contract: F.Contrac
                 validation_data=validation_ds.map(_with_label_dict), validation_steps=max(1, validation_steps),
                 callbacks=callbacks, final_callbacks=[stopping], verbose=2)
             refit_epochs = stopping.best_epoch + 1
-        if training.refit or not training.early_stopping_patience:
-            if training.early_stopping_patience:
+        if training.refit or not select:
+            if select:
                 logging.info("refit: a fresh %s on every train row for the best %d epoch(s)", model_name, refit_epochs)
             keras.utils.set_random_seed(training.seed)
             model = _build_and_compile(model_name, model_config, training, train_files, contract)
