@@ -289,7 +289,7 @@ def test_early_stopping_on_the_valid_ranking_keeps_the_best_epoch(trained):
     model, config, info = train_benchmark.train_model(
         "sasrec", {"inputs": {"item_buckets": 256}, "embedding_dim": 8}, beam_pipeline.read_contract(examples), files,
         rows, seed=0, epochs=4, batch_size=32, patience=1, learning_rate=0.01, objective="sampled_softmax",
-        ranking_negatives=8, monitor=ranking.VALIDATION_METRIC, callbacks_for=callbacks_for)
+        ranking_negatives=8, monitor=ranking.VALIDATION_METRIC, callbacks_for=callbacks_for, refit=False)
     assert len(made) == 1 and info["monitor"] == ranking.VALIDATION_METRIC
     watched = info["monitored"]
     assert len(watched) == info["epochs_run"] == len(info["val_loss"]) and 1 <= len(watched) <= 4

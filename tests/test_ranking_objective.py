@@ -183,8 +183,9 @@ def test_domain_items_clicks_only_and_click_count(examples):
 
 def test_trainer_trains_the_ranking_objective_and_exports_the_served_graph(examples, tmp_path):
     contract = beam_pipeline.read_contract(examples)
-    training = task.TrainingConfig(batch_size=32, epochs=3, early_stopping_patience=0, learning_rate=0.01,
-                                   objective="sampled_softmax", ranking_negatives=8)
+    # Patience 3 runs every epoch with validation; no refit, so the model returned is the one validated.
+    training = task.TrainingConfig(batch_size=32, epochs=3, early_stopping_patience=3, learning_rate=0.01,
+                                   objective="sampled_softmax", ranking_negatives=8, refit=False)
     out = str(tmp_path / "model")
     model = task.train_and_export("dnn_multi", {}, contract, _train_files(examples), serving_model_dir=out,
                                   log_dir=str(tmp_path / "logs"), train_steps=90, validation_steps=2,
@@ -210,8 +211,8 @@ def test_trainer_trains_the_ranking_objective_and_exports_the_served_graph(examp
 def test_trainer_trains_the_full_softmax(examples, tmp_path):
     contract = beam_pipeline.read_contract(examples)
     files = _train_files(examples)
-    training = task.TrainingConfig(batch_size=32, epochs=3, early_stopping_patience=0, learning_rate=0.01,
-                                   objective="full_softmax")
+    training = task.TrainingConfig(batch_size=32, epochs=3, early_stopping_patience=3, learning_rate=0.01,
+                                   objective="full_softmax", refit=False)
     model = task.train_and_export("sasrec", {}, contract, files, serving_model_dir=str(tmp_path / "model"),
                                   log_dir=str(tmp_path / "logs"), train_steps=90, validation_steps=2, training=training)
     history = model.history.history
