@@ -73,8 +73,9 @@ class _EpochLog(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        logger.info("%s: epoch %d: loss %.5f, val_loss %.5f, %.0f s", self.label, epoch + 1, logs.get("loss", float("nan")),
-                    logs.get("val_loss", float("nan")), time.monotonic() - (self._began or time.monotonic()))
+        validation = f", val_loss {logs['val_loss']:.5f}" if "val_loss" in logs else ""  # none in a refit
+        logger.info("%s: epoch %d: loss %.5f%s, %.0f s", self.label, epoch + 1, logs.get("loss", float("nan")),
+                    validation, time.monotonic() - (self._began or time.monotonic()))
 
 
 def prepare_data(workdir: str, users: int, seed: int) -> str:
