@@ -6,7 +6,8 @@ for each training seed the way the Trainer's `run_fn` trains it (`components/tra
 the latest `validation_fraction` of the train split's rows (the Trainer's time cut,
 `preprocess.validation_cut`) is held out, `task.fit` runs the model's phases with validation
 after every epoch of the last one, and Keras' `EarlyStopping` on the validation loss (`patience`
-epochs, best weights restored) ends training at the best epoch, up to `epochs`. The eval split is only scored at the end.
+epochs) picks the best epoch, up to `epochs`; then, by default, a fresh model with the same seed
+trains that many epochs on every train row (`refit`). The eval split is only scored at the end.
 
 examples/s is steady-state training throughput: train steps after `warmup` steps, timed from the
 start to the end of each step (validation excluded), times the rows a step trains on (the batch

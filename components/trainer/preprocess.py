@@ -255,9 +255,9 @@ def dataset(file_pattern, config: InputConfig, batch_size: int, shuffle: bool = 
     `only_domain` keeps only rows whose target domain it names (single-domain baselines).
     `holdout` "train" drops, and "validation" keeps only, the latest `validation_fraction` of the
     rows: those at or after `validation_cut_ts` (computed from the files by `validation_cut` when
-    not given; callers that build both datasets compute it once). `clicks_only` keeps only rows labelled 1 (the sampled-softmax objective
-    draws its own negatives). Batches of the train holdout are smaller than `batch_size`; the
-    validation holdout and click rows are batched again.
+    not given; callers that build both datasets compute it once). `clicks_only` keeps only rows
+    labelled 1 (the sampled-softmax objective draws its own negatives). Batches of the train
+    holdout are smaller than `batch_size`; the validation holdout and click rows are batched again.
     """
     if holdout not in HOLDOUTS:
         raise ValueError(f"`holdout` must be one of {HOLDOUTS}. Received: holdout={holdout!r}")
