@@ -304,3 +304,13 @@ def test_fit_runs_the_phases_in_order_with_their_steps():
     assert len(history.history["loss"]) == 2  # the last phase's two epochs
     with pytest.raises(ValueError, match="unknown training phase `nope`"):
         model.set_phase("nope")
+
+
+def test_no_refit_flag_reaches_the_trainer_and_the_benchmarks():
+    parser = cli.build_parser()
+    for refit, flags in ((True, []), (False, ["--no-refit"])):
+        args = parser.parse_args(["pipeline", "compile", "--input", "gs://bucket/x.jsonl", *flags])
+        assert cli._pipeline_args(args, local=False)["training"]["refit"] is refit
+        assert task.TrainingConfig(**cli._pipeline_args(args, local=False)["training"]).refit is refit
+        for what in ("train", "quality"):
+            assert parser.parse_args(["benchmark", what, *flags]).no_refit is not refit
