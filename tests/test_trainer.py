@@ -122,8 +122,9 @@ def test_refit_trains_a_fresh_model_on_every_row_for_the_best_epochs(examples, t
                           train_steps=6, validation_steps=2,
                           training=task.TrainingConfig(batch_size=16, epochs=2, early_stopping_patience=0))
     assert len(runs) == 1 and runs[0]["kwargs"]["last_phase_epochs"] == 2 and runs[0]["users"] == 16 * 3
-    # Nor with one epoch.
+    # Nor with one epoch: no rows are held out, and their time cut is not even read.
     runs.clear()
+    monkeypatch.setattr(preprocess, "validation_cut", lambda *a, **k: pytest.fail("no holdout with one epoch"))
     task.train_and_export("mean_pool_dnn", SMALL_INPUTS, contract, _files(examples, F.TRAIN_SPLIT),
                           serving_model_dir=str(tmp_path / "o"), log_dir=str(tmp_path / "logs3"),
                           train_steps=3, validation_steps=2, training=task.TrainingConfig(batch_size=16, epochs=1))

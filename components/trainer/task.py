@@ -290,19 +290,20 @@ def train_and_export(model_name: str, model_overrides: dict, contract: F.Contrac
         hashing = item_hashing(train_files, contract, model_config.inputs)
         # Single-domain baselines name the one domain they are trained and validated on.
         only_domain = getattr(model_config, "domain", "")
-        cut = preprocess.validation_cut(train_files, training.validation_fraction)
-        logging.info("validation: the train rows at or after ts %d (the latest %.0f%%)", cut,
-                     100 * training.validation_fraction)
         data = dict(config=model_config.inputs, batch_size=training.batch_size, only_domain=only_domain,
-                    validation_cut_ts=cut, repeat=True,
-                    clicks_only=training.objective in RANKING_OBJECTIVES)
+                    repeat=True, clicks_only=training.objective in RANKING_OBJECTIVES)
         callbacks = [keras.callbacks.TensorBoard(log_dir=log_dir)]
         train_ds = lambda holdout: preprocess.dataset(train_files, shuffle=True, seed=training.seed,  # noqa: E731
                                                       holdout=holdout, **data).map(_with_label_dict)
         refit_epochs = training.epochs
-        # Early stopping chooses among epochs; with one epoch there is no choice to make.
+        # Early stopping chooses among epochs; with one epoch there is no choice to make, and no
+        # rows are held out (nor their time cut read).
         select = training.early_stopping_patience and training.epochs > 1
         if select:
+            cut = preprocess.validation_cut(train_files, training.validation_fraction)
+            logging.info("validation: the train rows at or after ts %d (the latest %.0f%%)", cut,
+                         100 * training.validation_fraction)
+            data.update(validation_cut_ts=cut)
             validation_ds = preprocess.dataset(train_files, holdout="validation", **data)
             stopping = keras.callbacks.EarlyStopping(monitor="val_loss", restore_best_weights=True,
                                                      patience=training.early_stopping_patience)
