@@ -21,8 +21,9 @@ Sets (`--sets`, all by default):
   valid_ndcg` stops on the protocol's valid cases' NDCG@10 instead of the holdout's loss.
 
 Every model is trained for every seed (`--seeds`, 0 1 2) by `benchmarks.train.train_model`: the
-Trainer's validation holdout (10% of the training rows) and early stopping on its loss, best
-epoch restored, up to `--epochs`. Writes one Markdown file (`--markdown`) with a table per set
+Trainer's validation holdout (the latest 10% of the training rows) and early stopping on its loss
+(or, on the AUC-protocol sets, its GAUC: `--select val_gauc`), up to `--epochs`, then a fresh model
+trained on every row for the best epoch count (unless `--no-refit`). Writes one Markdown file (`--markdown`) with a table per set
 and the targets of issue 12 with what was measured against them, and one JSON (`--out`) with
 every run. Each set's own output (the `benchmark train` JSON, the rankings) stays under
 `--workdir`.
@@ -297,11 +298,13 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
         batch_size: int = 256, max_users=None, overrides=None, baselines: bool = True,
         learning_rate: float = 1e-3, loo_negatives: int = LOO_NEGATIVES, loo_objective: str = LOO_OBJECTIVE,
         ranking_negatives: int = RANKING_NEGATIVES, loo_history_length: int = F.DEFAULT_HISTORY_LENGTH,
-        loo_select: str = "val_loss", refit: bool = True) -> dict:
+        loo_select: str = "val_loss", refit: bool = True, select: str = "val_loss") -> dict:
     """Runs the chosen sets; writes the JSON (`out`) and the Markdown (`markdown_path`).
 
     `overrides` (config field -> value) apply to every model, as in `benchmark train`; without
-    `baselines` the leave-one-out set skips the popularity and random references."""
+    `baselines` the leave-one-out set skips the popularity and random references. `select` is
+    what early stopping watches on the AUC-protocol sets (`benchmark train`'s `select`: "val_loss"
+    or "val_gauc"), `loo_select` on the leave-one-out set."""
     unknown = sorted(set(sets) - set(SETS))
     if unknown:
         raise ValueError(f"unknown set(s) {unknown}; known: {list(SETS)}")
@@ -332,7 +335,7 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
         json_path = os.path.join(set_dir, "train.json")
         train.run(list(model_names), set_dir, json_path, users=users, epochs=epochs, batch_size=batch_size,
                   seeds=seeds, examples=examples, patience=patience, overrides=overrides, learning_rate=learning_rate,
-                  refit=refit)
+                  refit=refit, select=select)
         with open(json_path) as f:
             content = json.load(f)
         results[set_name] = content["results"]
@@ -341,7 +344,7 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
                         + train.markdown_table(table, train.summary_slices(content["data"]["domains"])))
     goals = targets(results, generated_ceilings)
     load_after = os.getloadavg()
-    settings = (f"seeds {list(seeds)}, early stopping (patience {patience}, at most {epochs} epochs), batch "
+    settings = (f"seeds {list(seeds)}, early stopping on {select} (patience {patience}, at most {epochs} epochs), batch "
                 f"{batch_size}, Adam {learning_rate:g}" + (f", overrides {train.run_suffix(overrides)}" if overrides else ""))
     text = (f"## Quality benchmark\n\n{settings}; load average {load_before[0]:.1f} at the start, "
             f"{load_after[0]:.1f} at the end; {time.monotonic() - started:.0f} s.\n\n" + "\n".join(sections)
@@ -350,7 +353,7 @@ def run(model_names: Sequence[str], workdir: str, out: str, markdown_path: str, 
     with open(markdown_path, "w") as f:
         f.write(text)
     with open(out, "w") as f:
-        json.dump({"sets": list(sets), "seeds": list(seeds), "epochs": epochs, "patience": patience,
+        json.dump({"sets": list(sets), "seeds": list(seeds), "epochs": epochs, "patience": patience, "select": select,
                    "learning_rate": learning_rate, "overrides": overrides or {},
                    "users": users, "results": results, "generated_ceilings": generated_ceilings, "targets": goals},
                   f, indent=2, allow_nan=False)

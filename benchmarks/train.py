@@ -35,7 +35,7 @@ import tensorflow as tf
 import models
 from components.evaluation import metrics
 from components.ingest import beam_pipeline, generator
-from components.trainer import preprocess, task
+from components.trainer import preprocess, task, validation as holdout
 from xdctr import features as F
 
 VALIDATION_BATCH = 4096
@@ -75,6 +75,8 @@ class _EpochLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         validation = f", val_loss {logs['val_loss']:.5f}" if "val_loss" in logs else ""  # none in a refit
+        if holdout.VAL_GAUC in logs:
+            validation += f", val_gauc {logs[holdout.VAL_GAUC]:.5f}"
         logger.info("%s: epoch %d: loss %.5f%s, %.0f s", self.label, epoch + 1, logs.get("loss", float("nan")),
                     validation, time.monotonic() - (self._began or time.monotonic()))
 
@@ -129,7 +131,8 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
     number; "item_hashing" holds `task.item_hashing`'s collision stats for the size used.
     `objective` and `ranking_negatives` as in `task.TrainingConfig`; under a ranking objective
     ("sampled_softmax", "full_softmax") only click rows are read, and an epoch passes once over
-    the clicks (counted here). Early stopping watches `monitor`: "val_loss" (lower is better), or
+    the clicks (counted here). Early stopping watches `monitor`: "val_loss" (lower is better),
+    "val_gauc" (the holdout's GAUC, `components/trainer/validation.py`, pointwise objective only), or
     a higher-is-better quantity a callback adds to the epoch logs (e.g.
     `ranking.validation_ranking_callback`'s); `callbacks_for(model, config)` builds such
     callbacks once the model exists (they run before early stopping). "best_epoch" is the epoch
@@ -141,6 +144,8 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
                                    validation_fraction=validation_fraction, objective=objective,
                                    ranking_negatives=ranking_negatives)
     ranking = objective in task.RANKING_OBJECTIVES
+    if monitor in holdout.MONITORS:
+        holdout.check_monitor(monitor, objective)
     keras.utils.set_random_seed(seed)
     config = task.resolve_model_config(name, overrides, contract, train_files=train_files)
     hashing = task.item_hashing(train_files, contract, config.inputs)
@@ -157,13 +162,17 @@ def train_model(name: str, overrides: dict, contract: F.Contract, train_files: S
     stopping = keras.callbacks.EarlyStopping(monitor=monitor, mode="min" if lower else "max", patience=patience,
                                              restore_best_weights=True)
     callbacks = list(callbacks) + (list(callbacks_for(model, config)) if callbacks_for else [])
+    # The GAUC monitor runs in the last phase only, as validation does, and before early stopping.
+    monitors = [holdout.GAUCMonitor(holdout.holdout_dataset(train_files, config.inputs, cut, data["only_domain"],
+                                                            VALIDATION_BATCH))] if monitor == holdout.VAL_GAUC else []
     if ranking:
         train_rows = preprocess.count_clicks(train_files)
     steps_per_epoch = max(1, train_rows // batch_size)
     history = task.fit(model, train.map(_with_label_dict), steps=steps_per_epoch * epochs, epochs=epochs,
                        validation_data=validation.map(_with_label_dict),
                        validation_steps=None,
-                       callbacks=list(callbacks), final_callbacks=[stopping, _EpochLog(f"{name} seed {seed}")],
+                       callbacks=list(callbacks),
+                       final_callbacks=[*monitors, stopping, _EpochLog(f"{name} seed {seed}")],
                        verbose=0)
     val_loss = [float(v) for v in history.history.get("val_loss", [])]
     watched = [float(v) for v in history.history.get(monitor, [])]
@@ -238,16 +247,19 @@ def run_suffix(overrides: dict) -> str:
 def run(model_names: List[str], workdir: str, out: str, users: int = 2000, epochs: int = 10,
         batch_size: int = 256, seeds: Sequence[int] = (0,), warmup: int = 20, examples: str = "", overrides=None,
         patience: int = 1, validation_fraction: float = 0.1, data_seed: int = 0, learning_rate: float = 1e-3,
-        refit: bool = True) -> list:
+        refit: bool = True, select: str = holdout.VAL_LOSS) -> list:
     """`examples`: an ingestion output to use instead of a generated log (e.g. imported real data).
 
     `epochs` is the most a run trains; early stopping usually ends it sooner. `overrides`
     (config field -> value) apply to every model; runs are then named `model[key=value,...]`, so
-    `xdctr compare` keeps ablations apart from the defaults.
+    `xdctr compare` keeps ablations apart from the defaults. `select` is what early stopping
+    watches (`validation.MONITORS`): the validation loss, or "val_gauc" (runs named
+    `model[select=val_gauc]`).
     """
+    holdout.check_monitor(select)
     overrides = dict(overrides or {})
     seeds = list(seeds)
-    suffix = run_suffix(overrides)
+    suffix = run_suffix({**overrides, **({"select": select} if select != holdout.VAL_LOSS else {})})
     os.makedirs(workdir, exist_ok=True)
     generated = not examples
     examples = examples or prepare_data(workdir, users, data_seed)
@@ -273,7 +285,7 @@ def run(model_names: List[str], workdir: str, out: str, users: int = 2000, epoch
             model, config, info = train_model(name, overrides, contract, train_files, summary["rows"][F.TRAIN_SPLIT],
                                               seed=seed, epochs=epochs, batch_size=batch_size, patience=patience,
                                               validation_fraction=validation_fraction, learning_rate=learning_rate,
-                                              callbacks=[timer], refit=refit)
+                                              callbacks=[timer], refit=refit, monitor=select)
             examples_per_second = timer.timed_steps * batch_size * (1 - validation_fraction) / timer.seconds()
             quality = _quality(rows, score(model, config, eval_pattern), contract.domains)
             result = {"model": name + suffix, "seed": seed, "examples_per_second": round(examples_per_second),
@@ -294,6 +306,7 @@ def run(model_names: List[str], workdir: str, out: str, users: int = 2000, epoch
         json.dump({"data": {"examples": examples, "users": users if generated else None,
                             "data_seed": data_seed if generated else None, "seeds": seeds, "max_epochs": epochs,
                             "patience": patience, "validation_fraction": validation_fraction, "refit": refit,
+                            "select": select,
                             "learning_rate": learning_rate,
                             "rows": summary["rows"], "domains": list(contract.domains)},
                    "results": results,

@@ -129,7 +129,7 @@ def _pipeline_args(args, local: bool) -> dict:
                                    seed=args.seed, early_stopping_patience=args.early_stopping_patience,
                                    objective=args.objective, ranking_negatives=args.ranking_negatives,
                                    mixed_precision=args.mixed_precision, jit_compile=args.jit_compile,
-                                   refit=not args.no_refit)
+                                   refit=not args.no_refit, early_stopping_monitor=args.early_stopping_monitor)
     serving_dir = args.serving_dir if "://" in args.serving_dir else os.path.abspath(args.serving_dir)
     return dict(
         pipeline_name=args.name,
@@ -257,7 +257,7 @@ def _cmd_benchmark_train(args) -> int:
     seeds = args.seeds or [0 if args.seed is None else args.seed]
     train.run(names, args.workdir, args.out, users=args.users, epochs=args.epochs, batch_size=args.batch_size,
               seeds=seeds, examples=args.examples, overrides=overrides, patience=args.early_stopping_patience,
-              data_seed=args.data_seed, learning_rate=args.learning_rate, refit=not args.no_refit)
+              data_seed=args.data_seed, learning_rate=args.learning_rate, refit=not args.no_refit, select=args.select)
     return 0
 
 
@@ -270,10 +270,13 @@ def _cmd_benchmark_quality(args) -> int:
                 max_users=args.max_users, overrides=overrides, baselines=not args.no_references,
                 learning_rate=args.learning_rate, loo_negatives=args.loo_negatives,
                 loo_objective=args.loo_objective, ranking_negatives=args.ranking_negatives,
-                loo_history_length=args.loo_history_length, loo_select=args.loo_select, refit=not args.no_refit)
+                loo_history_length=args.loo_history_length, loo_select=args.loo_select, refit=not args.no_refit,
+                select=args.select)
     return 0
 
 
+SELECT_HELP = ("what early stopping watches: the validation holdout's loss, or its GAUC (the served ctr's per-user "
+               "AUC over the held-out rows after every epoch; runs named model[select=val_gauc])")
 NO_REFIT_HELP = ("keep the early-stopped model instead of training a fresh one on every train row for the best "
                  "number of epochs (faster; that model never saw the latest 10%% of the train rows)")
 
@@ -294,6 +297,9 @@ def _add_pipeline_flags(p, root_default: str):
     p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--early-stopping-patience", type=int, default=2, help="0 disables early stopping")
     p.add_argument("--no-refit", action="store_true", help=NO_REFIT_HELP)
+    p.add_argument("--early-stopping-monitor", choices=["val_loss", "val_gauc"], default="val_loss",
+                   help="what early stopping watches on the validation holdout: its loss, or its GAUC (pointwise "
+                        "objective only)")
     p.add_argument("--objective", choices=["pointwise", "sampled_softmax", "full_softmax"], default="pointwise",
                    help="pointwise: log loss of every row (CTR); sampled_softmax: clicks against uniform items of "
                         "their domain (ranking); full_softmax: clicks against every item of their domain (sasrec, "
@@ -457,6 +463,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--early-stopping-patience", type=int, default=1,
                    help="epochs without a lower validation loss before a run stops (best weights restored)")
     b.add_argument("--no-refit", action="store_true", help=NO_REFIT_HELP)
+    b.add_argument("--select", choices=["val_loss", "val_gauc"], default="val_loss", help=SELECT_HELP)
     b.add_argument("--batch-size", type=int, default=256, help="training batch size")
     b.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's learning rate")
     b.add_argument("--seeds", type=int, nargs="+", help="training seeds; the table gives mean ± std over them (default: 0)")
@@ -479,6 +486,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--early-stopping-patience", type=int, default=1,
                    help="epochs without a lower validation loss before a run stops (best weights restored)")
     b.add_argument("--no-refit", action="store_true", help=NO_REFIT_HELP)
+    b.add_argument("--select", choices=["val_loss", "val_gauc"], default="val_loss", help=SELECT_HELP)
     b.add_argument("--batch-size", type=int, default=256, help="training batch size")
     b.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's learning rate")
     b.add_argument("--max-users", type=int, help="leave-one-out: rank only the first N users' test cases (quick checks)")

@@ -22,7 +22,7 @@ import tensorflow as tf
 import models
 import models.base
 from components.ingest import beam_pipeline
-from components.trainer import export, preprocess
+from components.trainer import export, preprocess, validation
 from models import config as config_lib
 from xdctr import features as F
 
@@ -41,8 +41,11 @@ class TrainingConfig:
       validation_fraction: the latest rows of the train split, held out for validation and early
         stopping (`preprocess.validation_cut`: a time cut, so that no trained-on row's history shows
         a held-out click), so the eval split stays untouched for the Evaluator.
-      early_stopping_patience: epochs without a better validation loss before training stops
-        (the best weights are restored); 0 disables early stopping.
+      early_stopping_patience: epochs without a better validation loss (or GAUC) before training
+        stops (the best weights are restored); 0 disables early stopping.
+      early_stopping_monitor: what early stopping watches: "val_loss", or "val_gauc", the held-out
+        rows' GAUC from the served ctr after every epoch (`components/trainer/validation.py`; the
+        number the Evaluator blesses by; pointwise objective only).
       objective: "pointwise" (binary cross-entropy of every row's label, the CTR task) or
         "sampled_softmax" (a ranking objective for next-item protocols such as leave-one-out:
         only click rows are read, each contrasted with `ranking_negatives` items drawn uniformly
@@ -73,6 +76,7 @@ class TrainingConfig:
     mixed_precision: bool = False
     jit_compile: bool = False
     refit: bool = True
+    early_stopping_monitor: str = "val_loss"
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -81,6 +85,7 @@ class TrainingConfig:
             raise ValueError(f"`ranking_negatives` must be positive. Received: {self.ranking_negatives}")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"`validation_fraction` must be in (0, 1). Received: {self.validation_fraction}")
+        validation.check_monitor(self.early_stopping_monitor, self.objective)
         for name in ("batch_size", "epochs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be positive. Received: {name}={getattr(self, name)}")
@@ -305,12 +310,18 @@ def train_and_export(model_name: str, model_overrides: dict, contract: F.Contrac
                          100 * training.validation_fraction)
             data.update(validation_cut_ts=cut)
             validation_ds = preprocess.dataset(train_files, holdout="validation", **data)
-            stopping = keras.callbacks.EarlyStopping(monitor="val_loss", restore_best_weights=True,
+            monitor = training.early_stopping_monitor
+            stopping = keras.callbacks.EarlyStopping(monitor=monitor, mode=validation.mode(monitor),
+                                                     restore_best_weights=True,
                                                      patience=training.early_stopping_patience)
+            # The GAUC monitor scores every held-out row, not `validation_steps` batches of them.
+            monitors = [validation.GAUCMonitor(validation.holdout_dataset(train_files, model_config.inputs, cut,
+                                                                          only_domain))
+                        ] if monitor == validation.VAL_GAUC else []
             model = _build_and_compile(model_name, model_config, training, train_files, contract)
             fit(model, train_ds("train"), steps=train_steps, epochs=training.epochs,
                 validation_data=validation_ds.map(_with_label_dict), validation_steps=max(1, validation_steps),
-                callbacks=callbacks, final_callbacks=[stopping], verbose=2)
+                callbacks=callbacks, final_callbacks=[*monitors, stopping], verbose=2)
             refit_epochs = stopping.best_epoch + 1
         if training.refit or not select:
             if select:
