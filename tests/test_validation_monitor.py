@@ -45,8 +45,8 @@ def test_monitor_scores_every_held_out_row_grouped_by_raw_user(examples):
     raw = _raw_rows(files)
     held = raw[F.TIMESTAMP] >= cut
     ds = validation.holdout_dataset(files, config.inputs, cut, batch_size=16)
-    users = np.concatenate([u.numpy() for _, u, _ in ds])
-    labels = np.concatenate([y.numpy() for _, _, y in ds])
+    users = np.concatenate([u.numpy() for _, _, u in ds])
+    labels = np.concatenate([y.numpy() for _, y, _ in ds])
     # Every held-out row once, in file order, with its raw user id and label.
     np.testing.assert_array_equal(users, raw[F.USER_ID][held])
     np.testing.assert_array_equal(labels, raw[F.LABEL][held])
@@ -89,7 +89,7 @@ def test_monitor_refuses_what_it_cannot_measure(examples):
         validation.holdout_dataset(files, config.inputs, cut, only_domain="nope")
     model = models.build("dnn_multi", config)
     # Only clicks: no user has both labels, so there is no GAUC to stop on.
-    clicks = validation.holdout_dataset(files, config.inputs, cut).map(lambda x, u, y: (x, u, tf.ones_like(y)))
+    clicks = validation.holdout_dataset(files, config.inputs, cut).map(lambda x, y, u: (x, tf.ones_like(y), u))
     monitor = validation.GAUCMonitor(clicks)
     monitor.set_model(model)
     with pytest.raises(ValueError, match="val_gauc is undefined"):

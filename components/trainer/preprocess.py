@@ -243,7 +243,7 @@ SHUFFLE_BUFFER = 1 << 18  # serialized rows held to shuffle (~100 MB at ~400 byt
 def dataset(file_pattern, config: InputConfig, batch_size: int, shuffle: bool = False, repeat: bool = False,
             seed: int = 0, only_domain: str = "", holdout: str = "all",
             validation_fraction: float = 0.1, validation_cut_ts: int | None = None, clicks_only: bool = False,
-            shuffle_buffer: int = SHUFFLE_BUFFER) -> tf.data.Dataset:
+            shuffle_buffer: int = SHUFFLE_BUFFER, with_user_ids: bool = False) -> tf.data.Dataset:
     """Gzip TFRecords of tf.Examples -> (model inputs, label) batches.
 
     The ingestion writes each user's rows together, so `shuffle` has to mix far: the files are
@@ -258,6 +258,8 @@ def dataset(file_pattern, config: InputConfig, batch_size: int, shuffle: bool = 
     not given; callers that build both datasets compute it once). `clicks_only` keeps only rows
     labelled 1 (the sampled-softmax objective draws its own negatives). Batches of the train
     holdout are smaller than `batch_size`; the validation holdout and click rows are batched again.
+    `with_user_ids` adds each row's raw (unhashed) user id as a third element, for per-user
+    metrics such as the validation GAUC (`validation.py`).
     """
     if holdout not in HOLDOUTS:
         raise ValueError(f"`holdout` must be one of {HOLDOUTS}. Received: holdout={holdout!r}")
@@ -294,7 +296,8 @@ def dataset(file_pattern, config: InputConfig, batch_size: int, shuffle: bool = 
             keep = tf.logical_and(keep, tf.equal(raw[F.LABEL], 1))
         if only_domain or holdout != "all" or clicks_only:
             raw = {name: tf.boolean_mask(value, keep) for name, value in raw.items()}
-        return to_model_inputs(raw, config), tf.cast(raw[F.LABEL], tf.float32)
+        batch = (to_model_inputs(raw, config), tf.cast(raw[F.LABEL], tf.float32))
+        return batch + (raw[F.USER_ID],) if with_user_ids else batch
 
     ds = ds.map(split, num_parallel_calls=tf.data.AUTOTUNE)
     if clicks_only or holdout == "validation":

@@ -52,21 +52,10 @@ def mode(monitor: str) -> str:
 
 def holdout_dataset(files, config: InputConfig, cut: int, only_domain: str = "",
                     batch_size: int = BATCH) -> tf.data.Dataset:
-    """(model inputs, raw user ids, labels) batches of the rows at or after `cut` in `files`
-    (restricted to `only_domain` when given), in file order."""
-    if only_domain and only_domain not in config.domains:
-        raise ValueError(f"`only_domain` must be one of {list(config.domains)}. Received: only_domain={only_domain!r}")
-
-    def split(serialized):
-        raw = preprocess.parse(serialized, config)
-        keep = preprocess.in_validation(raw, cut)
-        if only_domain:
-            keep = tf.logical_and(keep, tf.equal(raw[F.DOMAIN], only_domain.encode()))
-        raw = {name: tf.boolean_mask(value, keep) for name, value in raw.items()}
-        return preprocess.to_model_inputs(raw, config), raw[F.USER_ID], raw[F.LABEL]
-
-    ds = tf.data.TFRecordDataset(sorted(files), compression_type="GZIP").batch(batch_size)
-    return ds.map(split, num_parallel_calls=tf.data.AUTOTUNE).unbatch().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    """(model inputs, labels, raw user ids) batches of the rows at or after `cut` in `files`
+    (restricted to `only_domain` when given), in file order: the Trainer's validation rows."""
+    return preprocess.dataset(files, config, batch_size, only_domain=only_domain, holdout="validation",
+                              validation_cut_ts=cut, with_user_ids=True)
 
 
 class GAUCMonitor(keras.callbacks.Callback):
@@ -80,7 +69,7 @@ class GAUCMonitor(keras.callbacks.Callback):
 
     def evaluate(self) -> dict:
         users, labels, scores = [], [], []
-        for inputs, user, label in self.dataset:
+        for inputs, label, user in self.dataset:
             out = self.model(inputs, training=False)[F.SERVING_OUTPUT]
             scores.append(np.reshape(keras.ops.convert_to_numpy(out), -1).astype(np.float64))
             users.append(user.numpy())
