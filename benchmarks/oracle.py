@@ -25,6 +25,14 @@ against what the data allow:
   history features show (`click_posterior_logits`); an estimate of a click-history model's
   ceiling, not a bound. With `--click-history-length N`, from the last N earlier clicks only, as
   a mixed history of N clicks shows them.
+- logistic on the true item vectors (optional, `--logistic`): not a ceiling but a reference of
+  what a simple model of the right form reaches when its item embeddings are perfect. A logistic
+  regression, fitted on the rows before the eval cutoff, reads what a model's inputs show (the
+  last `F.DEFAULT_HISTORY_LENGTH` earlier clicks and the target) through the generator's own item
+  vectors: the drift's decayed sum, the mean affinity to the clicks in the target's domain and in
+  the others, and the item's popularity (`logistic_features`). A trained model learns its
+  embeddings from the clicks, so this is what it could reach with the best embeddings and this
+  functional form, not a bound.
 
 The split and the slice follow the ingestion's defaults: eval is the last `eval_fraction` of the
 events by time (events at the cutoff time included), and an impression is cold-start when the
@@ -59,6 +67,13 @@ CEILINGS = {
 
 POSTERIOR = "posterior"
 CLICK_POSTERIOR = "posterior, clicks only"
+LOGISTIC = "logistic on the true item vectors"
+# The columns of `logistic_features`, in order; the domain indicators follow them.
+LOGISTIC_FEATURES = ("drift", "mean affinity, same domain", "mean affinity, other domains",
+                     "shrunk mean affinity, same domain", "shrunk mean affinity, other domains",
+                     "log1p clicks, same domain", "log1p clicks, other domains", "popularity")
+# The shrunk means are mean * n / (n + LOGISTIC_SHRINK): a mean of few clicks says less.
+LOGISTIC_SHRINK = 2.0
 DEFAULT_SAMPLES_PER_GROUP = 256
 
 
@@ -248,13 +263,98 @@ def click_posterior_logits(columns: dict, log: generator.LogGenerator,
     return _posterior(columns, log, taste, rows, clicks_of, clicks_window=history_length)
 
 
+def logistic_features(columns: dict, log: generator.LogGenerator,
+                      history_length: int = F.DEFAULT_HISTORY_LENGTH) -> np.ndarray:
+    """(rows, len(LOGISTIC_FEATURES) + D) features of every row, read through the true item vectors.
+
+    A row's window is the last `history_length` clicks of its user at times before the row's, as
+    the ingestion's mixed history holds them. With v the target's item vector, a_j = v_j . v the
+    affinity of window click j, k_j its steps back from the latest (0) and n_same, n_other the
+    window's clicks in the target's domain and in the others:
+
+        drift = sum_j DRIFT_KEEP^k_j a_j    (the generator's drift term is drift_weight * DRIFT_ADD
+                                             * dim times this when the window holds every earlier
+                                             click at an earlier time)
+        mean affinity, same domain = mean of a_j over the window's clicks in the domain (0 if none),
+          and the same over the other domains' clicks
+        shrunk mean affinity = mean * n / (n + LOGISTIC_SHRINK), n the clicks it averages
+        log1p clicks = log(1 + n_same), log(1 + n_other)
+        popularity = the generator's popularity term of the target
+
+    then one 0/1 column per domain (the row's domain; they are the intercepts). Records must come
+    user by user, each user's in time order (`events`).
+    """
+    if history_length < 1:
+        raise ValueError(f"`history_length` must be >= 1. Received: history_length={history_length!r}")
+    config = log.config
+    domain_index = {name: d for d, name in enumerate(config.domains)}
+    domains = np.array([domain_index[name] for name in columns["domain"]])
+    items = np.array([generator.item_index(item) for item in columns["item"]])
+    vectors = log.item_vectors[domains, items]  # (N, dim)
+    labels, users, ts = columns["label"].astype(bool), columns["user"], columns["ts"]
+    rows = len(labels)
+    out = np.zeros((rows, len(LOGISTIC_FEATURES) + len(config.domains)))
+    out[:, LOGISTIC_FEATURES.index("popularity")] = config.popularity_weight * log.popularity_logit[domains, items]
+    out[np.arange(rows), len(LOGISTIC_FEATURES) + domains] = 1.0
+    decay = generator.DRIFT_KEEP ** np.arange(history_length)[::-1]  # the last slot holds the latest click
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    for start, end in zip(starts, np.r_[starts[1:], rows]):
+        clicked = start + np.flatnonzero(labels[start:end])  # the user's clicks, as rows
+        if not len(clicked):
+            continue
+        seen = np.searchsorted(ts[clicked], ts[start:end], side="left")  # (K,): clicks at earlier times
+        slots = seen[:, None] - history_length + np.arange(history_length)  # (K, L): indices into clicked
+        valid = slots >= 0
+        window = clicked[np.maximum(slots, 0)]  # (K, L)
+        affinity = np.einsum("kld,kd->kl", vectors[window], vectors[start:end]) * valid
+        same = valid & (domains[window] == domains[start:end, None])
+        other = valid & ~same
+        block = out[start:end]
+        block[:, 0] = affinity @ decay
+        for column, mask in ((1, same), (2, other)):
+            count = mask.sum(axis=1)
+            mean = (affinity * mask).sum(axis=1) / np.maximum(count, 1)
+            block[:, column] = mean
+            block[:, column + 2] = mean * count / (count + LOGISTIC_SHRINK)
+            block[:, column + 4] = np.log1p(count)
+    return out
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, iterations: int = 100) -> np.ndarray:
+    """Weights minimising the log loss + ridge / 2 |w|^2, by Newton's method."""
+    weights = np.zeros(x.shape[1])
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(x @ weights)))
+        gradient = x.T @ (p - y) + ridge * weights
+        hessian = (x * (p * (1.0 - p))[:, None]).T @ x + ridge * np.eye(x.shape[1])
+        step = np.linalg.solve(hessian, gradient)
+        weights -= step
+        if np.max(np.abs(step)) < 1e-9:
+            break
+    return weights
+
+
+def logistic_logits(columns: dict, log: generator.LogGenerator, eval_fraction: float = 0.2,
+                    history_length: int = F.DEFAULT_HISTORY_LENGTH) -> tuple:
+    """(logits of every row, {feature: weight}): the logistic regression on `logistic_features`,
+    fitted on the rows before the eval cutoff (`eval_mask`), the rows a model trains on."""
+    x = logistic_features(columns, log, history_length)
+    train = ~eval_mask(columns["ts"], eval_fraction)
+    if not train.any():
+        raise ValueError("no rows before the eval cutoff to fit the logistic reference on")
+    weights = _fit_logistic(x[train], columns["label"][train].astype(np.float64))
+    names = LOGISTIC_FEATURES + tuple(f"domain {name}" for name in log.config.domains)
+    return x @ weights, dict(zip(names, map(float, weights)))
+
+
 def ceilings(columns: dict, eval_fraction: float = 0.2, posterior: Optional[np.ndarray] = None,
-             click_posterior: Optional[np.ndarray] = None, click_history_length: Optional[int] = None) -> dict:
+             click_posterior: Optional[np.ndarray] = None, click_history_length: Optional[int] = None,
+             logistic: Optional[np.ndarray] = None) -> dict:
     """{slice: {ceiling: {auc, gauc, examples}}} for the slices "overall" and "cold_start".
 
     `posterior`, `click_posterior`: `posterior_logits` and `click_posterior_logits` of (at
     least) the eval rows, for their rows; the latter computed with `click_history_length`, which
-    names its row (`click_posterior_name`).
+    names its row (`click_posterior_name`). `logistic`: `logistic_logits` of the same rows.
     """
     in_eval = eval_mask(columns["ts"], eval_fraction)
     result = {}
@@ -264,6 +364,8 @@ def ceilings(columns: dict, eval_fraction: float = 0.2, posterior: Optional[np.n
         scorers[POSTERIOR] = lambda mask: posterior[mask]
     if click_posterior is not None:
         scorers[click_posterior_name(click_history_length)] = lambda mask: click_posterior[mask]
+    if logistic is not None:
+        scorers[LOGISTIC] = lambda mask: logistic[mask]
     for slice_name, mask in (("overall", in_eval), ("cold_start", in_eval & columns["cold_start"])):
         labels, users = columns["label"][mask], columns["user"][mask]
         result[slice_name] = {}
@@ -287,9 +389,10 @@ def markdown(result: dict) -> str:
 
 def compute(users: int, seed: int, eval_fraction: float, samples_per_group: int = DEFAULT_SAMPLES_PER_GROUP,
             posterior_seed: int = 0, click_samples_per_group: int = 0,
-            click_history_length: Optional[int] = None) -> dict:
+            click_history_length: Optional[int] = None, logistic: bool = False) -> dict:
     """The ceilings of the generated log (`users`, `seed`): {"results": `ceilings`, "posterior" and
-    "click_posterior": their settings and seconds, or None when their draws per group are 0}.
+    "click_posterior": their settings and seconds, or None when their draws per group are 0,
+    "logistic": the logistic reference's window, weights and seconds, or None without `logistic`}.
 
     The click posterior is off by default: on the 20,000-user log it took 231 s at 64 draws per
     group (2 cores, beside two training runs), and its cost grows linearly with the draws.
@@ -310,12 +413,19 @@ def compute(users: int, seed: int, eval_fraction: float, samples_per_group: int 
                            "seconds": time.perf_counter() - started}
     if infos["click_posterior"] is not None:
         infos["click_posterior"]["history_length"] = click_history_length
-    results = ceilings(columns, eval_fraction, scores["posterior"], scores["click_posterior"], click_history_length)
+    scores["logistic"], infos["logistic"] = None, None
+    if logistic:
+        started = time.perf_counter()
+        scores["logistic"], weights = logistic_logits(columns, log, eval_fraction)
+        infos["logistic"] = {"history_length": F.DEFAULT_HISTORY_LENGTH, "weights": weights,
+                             "seconds": time.perf_counter() - started}
+    results = ceilings(columns, eval_fraction, scores["posterior"], scores["click_posterior"], click_history_length,
+                       scores["logistic"])
     return {"results": results, **infos}
 
 
 def describe(users: int, seed: int, eval_fraction: float, computed: dict) -> str:
-    """One line on the log, the split and the posteriors' draws."""
+    """One line on the log, the split, the posteriors' draws and the logistic reference's window."""
     result = computed["results"]
     text = (f"generated log: {users} users, seed {seed}; eval = the last {eval_fraction:g} of the events "
             f"({result['overall']['oracle']['examples']} impressions, {result['cold_start']['oracle']['examples']} "
@@ -325,20 +435,24 @@ def describe(users: int, seed: int, eval_fraction: float, computed: dict) -> str
         if info is not None:
             text += (f"; {name.replace('_', ' ')}: {info['groups']} x {info['samples_per_group']} draws "
                      f"(seed {info['seed']}), {info['seconds']:.0f} s")
+    if computed.get("logistic") is not None:
+        info = computed["logistic"]
+        text += f"; logistic: the last {info['history_length']} clicks, {info['seconds']:.0f} s"
     return text
 
 
 def run(users: int, seed: int, eval_fraction: float, out: str,
         samples_per_group: int = DEFAULT_SAMPLES_PER_GROUP, posterior_seed: int = 0,
-        click_samples_per_group: int = 0, click_history_length: Optional[int] = None) -> dict:
+        click_samples_per_group: int = 0, click_history_length: Optional[int] = None,
+        logistic: bool = False) -> dict:
     """Prints the ceilings of the generated log (`users`, `seed`) and writes them to `out`.
 
     samples_per_group, click_samples_per_group: the posteriors' draws per group; 0 leaves the
     row out (the click posterior's default: see `compute`). click_history_length: the click
-    posterior's window of earlier clicks (None: all).
+    posterior's window of earlier clicks (None: all). logistic: add the logistic reference's row.
     """
     computed = compute(users, seed, eval_fraction, samples_per_group, posterior_seed, click_samples_per_group,
-                       click_history_length)
+                       click_history_length, logistic)
     result = computed["results"]
     print(describe(users, seed, eval_fraction, computed) + "\n")
     print(markdown(result))
@@ -347,6 +461,6 @@ def run(users: int, seed: int, eval_fraction: float, out: str,
         json.dump({"users": users, "seed": seed, "eval_fraction": eval_fraction,
                    "ceilings": {name: list(parts) for name, parts in CEILINGS.items()},
                    "posterior": computed["posterior"], "click_posterior": computed["click_posterior"],
-                   "results": result}, f, indent=2)
+                   "logistic": computed["logistic"], "results": result}, f, indent=2)
     print(f"\nwrote {out}")
     return result

@@ -280,3 +280,90 @@ def test_the_cli_passes_the_click_window_and_refuses_a_negative_one(tmp_path, ca
     written = json.loads(out.read_text())
     assert written["click_posterior"]["history_length"] == 5
     assert oracle.click_posterior_name(5) in written["results"]["overall"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The logistic reference: a logistic regression on features read through the true item vectors.
+
+
+def test_the_drift_feature_is_the_generators_drift_term_over_a_window_of_every_click():
+    log, columns = _log_and_columns()
+    x = oracle.logistic_features(columns, log, history_length=10_000)
+    config = log.config
+    scale = config.drift_weight * generator.DRIFT_ADD * config.dim
+    users, ts = columns["user"], columns["ts"]
+    # The generator's drift counts a click at the same time as the impression; a history does not.
+    apart = np.r_[True, (users[1:] != users[:-1]) | (ts[1:] > ts[:-1])]
+    assert apart.mean() > 0.99
+    np.testing.assert_allclose(scale * x[apart, 0], columns["drift"][apart], atol=1e-9)
+    assert x[:, oracle.LOGISTIC_FEATURES.index("popularity")] == pytest.approx(columns["popularity"], abs=1e-12)
+    domain_columns = x[:, len(oracle.LOGISTIC_FEATURES):]
+    assert domain_columns.sum(axis=1) == pytest.approx(np.ones(len(users)))
+    assert (domain_columns[:, 0] == (columns["domain"] == config.domains[0])).all()
+
+
+def test_the_window_features_of_one_row_by_hand():
+    log, columns = _log_and_columns()
+    window = 3
+    x = oracle.logistic_features(columns, log, history_length=window)
+    users, ts, labels, domains = columns["user"], columns["ts"], columns["label"], columns["domain"]
+
+    def vector(k):
+        return log.item_vectors[log.config.domains.index(domains[k]), generator.item_index(columns["item"][k])]
+
+    checked = 0
+    for k in range(len(users)):
+        earlier = [j for j in range(k) if users[j] == users[k] and ts[j] < ts[k] and labels[j]][-window:]
+        same = [j for j in earlier if domains[j] == domains[k]]
+        if len(earlier) < window or not same or len(same) == window:
+            continue
+        affinity = {j: vector(j) @ vector(k) for j in earlier}
+        drift = sum(generator.DRIFT_KEEP ** (len(earlier) - 1 - i) * affinity[j] for i, j in enumerate(earlier))
+        other = [j for j in earlier if j not in same]
+        mean_same, mean_other = np.mean([affinity[j] for j in same]), np.mean([affinity[j] for j in other])
+        expected = [drift, mean_same, mean_other, mean_same * len(same) / (len(same) + oracle.LOGISTIC_SHRINK),
+                    mean_other * len(other) / (len(other) + oracle.LOGISTIC_SHRINK), math.log1p(len(same)),
+                    math.log1p(len(other))]
+        np.testing.assert_allclose(x[k, :7], expected, atol=1e-12)
+        checked += 1
+        if checked == 20:
+            break
+    assert checked == 20
+    first = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    assert not x[first, :7].any()  # no earlier click: every history feature is 0
+    with pytest.raises(ValueError, match="history_length"):
+        oracle.logistic_features(columns, log, history_length=0)
+
+
+def test_the_logistic_reference_recovers_the_planted_weights_when_nothing_is_latent():
+    # No taste at all: the logit is base + drift + popularity, all three read exactly by the features.
+    log, columns = _log_and_columns(num_users=3000, shared_weight=0.0, domain_weight=0.0)
+    logits, weights = oracle.logistic_logits(columns, log, 0.2, history_length=10_000)
+    config = log.config
+    assert weights["drift"] == pytest.approx(config.drift_weight * generator.DRIFT_ADD * config.dim, abs=0.3)
+    assert weights["popularity"] == pytest.approx(1.0, abs=0.15)
+    for domain in config.domains:
+        assert weights[f"domain {domain}"] == pytest.approx(config.base_logit, abs=0.3)
+    in_eval = oracle.eval_mask(columns["ts"], 0.2)
+    labels = columns["label"][in_eval]
+    assert metrics.auc(labels, logits[in_eval]) == pytest.approx(metrics.auc(labels, _oracle_logit(columns)[in_eval]),
+                                                                 abs=0.005)
+
+
+def test_the_logistic_row_sits_between_popularity_and_the_oracle_and_is_off_by_default(tmp_path, capsys):
+    from xdctr import cli
+
+    out = tmp_path / "oracle.json"
+    printed = oracle.run(SMALL["num_users"], SMALL["seed"], 0.2, str(out), samples_per_group=0, logistic=True)
+    overall = {name: value["auc"] for name, value in printed["overall"].items()}
+    assert overall["popularity only"] < overall[oracle.LOGISTIC] < overall["oracle"]
+    written = json.loads(out.read_text())
+    assert written["logistic"]["history_length"] == F.DEFAULT_HISTORY_LENGTH
+    assert set(written["logistic"]["weights"]) == {*oracle.LOGISTIC_FEATURES,
+                                                   *(f"domain {d}" for d in generator.GeneratorConfig.domains)}
+    assert f"| {oracle.LOGISTIC} |" in oracle.markdown(printed) and "logistic: the last 20 clicks" in capsys.readouterr().out
+    default = oracle.run(SMALL["num_users"], SMALL["seed"], 0.2, str(out), samples_per_group=0)
+    assert oracle.LOGISTIC not in default["overall"] and json.loads(out.read_text())["logistic"] is None
+    assert cli.main(["benchmark", "oracle", "--users", "200", "--posterior-samples", "0", "--logistic",
+                     "--out", str(out)]) == 0
+    assert oracle.LOGISTIC in json.loads(out.read_text())["results"]["cold_start"]

@@ -242,7 +242,7 @@ def _cmd_benchmark_oracle(args) -> int:
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     oracle.run(args.users, args.seed, args.eval_fraction, args.out, args.posterior_samples, args.posterior_seed,
-               args.click_posterior_samples, args.click_history_length or None)
+               args.click_posterior_samples, args.click_history_length or None, args.logistic)
     return 0
 
 
@@ -453,6 +453,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     b.add_argument("--click-history-length", type=int, default=0,
                    help="the click-only posterior reads the last N earlier clicks, as a mixed history of length N "
                         "does (0: every earlier click)")
+    b.add_argument("--logistic", action="store_true",
+                   help="add a reference row: a logistic regression on features read through the generator's own "
+                        "item vectors (what a simple model with perfect embeddings reaches)")
     b.add_argument("--out", default="outputs/benchmark/oracle.json", help="JSON results")
     b.set_defaults(func=_cmd_benchmark_oracle)
     b = bsub.add_parser("train", help="examples/s, AUC and GAUC of every model on generated logs")
