@@ -16,12 +16,13 @@ from xdctr import features as F
 
 NAMES = ["single_domain_dnn", "single_domain_din", "dnn_multi", "shared_bottom", "bilinear_recency", "sasrec"]
 SINGLE_DOMAIN = ["single_domain_dnn", "single_domain_din"]
-# Every model, plus the DIN's softmax ablation, the bilinear model's time-gap recency and SASRec's item
-# bias and domain queries.
+# Every model, plus the DIN's softmax ablation, the bilinear model's time-gap recency and sum pooling
+# and SASRec's item bias and domain queries.
 VARIANTS = [(name, {}) for name in NAMES] + [("single_domain_din", {"softmax": True}),
                                              ("bilinear_recency", {"recency": "time_gap"}),
+                                             ("bilinear_recency", {"pooling": "sum"}),
                                              ("sasrec", {"item_bias": True}), ("sasrec", {"domain_query": True})]
-VARIANT_IDS = NAMES + ["single_domain_din-softmax", "bilinear_recency-time_gap", "sasrec-item_bias",
+VARIANT_IDS = NAMES + ["single_domain_din-softmax", "bilinear_recency-time_gap", "bilinear_recency-sum", "sasrec-item_bias",
                        "sasrec-domain_query"]
 HISTORY, DOMAIN_HISTORY, BUCKETS, BATCH = 4, 3, 50, 8
 
@@ -338,9 +339,9 @@ def test_saved_model_serves_what_the_model_computes(name, tmp_path):
 # bilinear_recency
 
 
-def _bilinear_by_hand(recency="position"):
+def _bilinear_by_hand(recency="position", pooling="mean"):
     """A 2-step history, dim 2, set weights; returns (model, inputs)."""
-    model = _build("bilinear_recency", embedding_dim=2, recency=recency)
+    model = _build("bilinear_recency", embedding_dim=2, recency=recency, pooling=pooling)
     inputs = _inputs(batch=2)
     # Row 0: history [pad, pad, item 1, item 2] (item 2 is the latest), target item 3, domain 0.
     # Row 1: no history at all, target item 3, domain 1.
@@ -383,6 +384,37 @@ def test_bilinear_recency_by_hand_time_gap_weights():
     np.testing.assert_allclose(_logit(_ctr(model, inputs)), [5.75, -0.75], rtol=1e-4)
 
 
+def test_bilinear_recency_by_hand_sum_pooling():
+    model, inputs = _bilinear_by_hand(pooling="sum")
+    # Unnormalised: w = [1/2, 1/4] (a softmax would make them [2/3, 1/3]).
+    model.recency_logits.assign([5.0, 5.0, np.log(0.5), np.log(0.25)])
+    # u = 1/2 [1, 0] + 1/4 [0, 2] = [0.5, 0.5]; M u = [0.5, 1.5]; E[3] . M u = 2; + 0.25 + 0.5 = 2.75.
+    np.testing.assert_allclose(_logit(_ctr(model, inputs)), [2.75, -0.75], rtol=1e-4)
+    # A click more before the same two adds its own weight and leaves theirs: the sum grows by
+    # exp(a_1) E[item 4] (here a_1 = 0 and E[4] = [0.5, 0], so E[3] . M [0.5, 0] = 0.5).
+    table = model.item_embedding.embeddings.numpy()
+    table[4] = [0.5, 0.0]
+    model.item_embedding.embeddings.assign(table)
+    model.recency_logits.assign([5.0, 0.0, np.log(0.5), np.log(0.25)])
+    longer = dict(inputs, **{F.HISTORY_ITEM_IDS: np.array([[0, 4, 1, 2], [0, 0, 0, 0]], "int32")})
+    longer[F.HISTORY_MASK] = longer[F.HISTORY_ITEM_IDS] > 0
+    np.testing.assert_allclose(_logit(_ctr(model, longer)), [3.25, -0.75], rtol=1e-4)
+
+
+def test_bilinear_recency_sum_pooling_starts_as_the_mean_of_a_full_history():
+    mean, summed = _build("bilinear_recency", pooling="mean"), _build("bilinear_recency", pooling="sum")
+    np.testing.assert_allclose(mean.recency_logits.numpy(), np.zeros(HISTORY))
+    np.testing.assert_allclose(summed.recency_logits.numpy(), np.full(HISTORY, -np.log(HISTORY)), rtol=1e-6)
+    inputs = _inputs()
+    mean(inputs), summed(inputs)
+    for name in ("item_embedding", "item_bias", "domain_bias"):
+        getattr(summed, name).set_weights(getattr(mean, name).get_weights())
+    summed.bilinear.assign(mean.bilinear.numpy())
+    full = dict(inputs, **{F.HISTORY_ITEM_IDS: np.full_like(inputs[F.HISTORY_ITEM_IDS], 5),
+                           F.HISTORY_MASK: np.ones_like(inputs[F.HISTORY_MASK])})
+    np.testing.assert_allclose(_ctr(summed, full), _ctr(mean, full), atol=1e-6)
+
+
 def test_bilinear_recency_reads_only_the_mixed_history():
     model = _build("bilinear_recency")
     inputs = _inputs()
@@ -399,6 +431,8 @@ def test_bilinear_recency_reads_only_the_mixed_history():
 def test_bilinear_recency_config_errors():
     with pytest.raises(ValueError, match="recency='newest'"):
         models.build("bilinear_recency", _config("bilinear_recency", recency="newest"))
+    with pytest.raises(ValueError, match="pooling='max'"):
+        models.build("bilinear_recency", _config("bilinear_recency", pooling="max"))
     model = models.build("bilinear_recency", _config("bilinear_recency"))
     assert tuple(model.recency_logits.shape) == (HISTORY,)
     assert tuple(models.build("bilinear_recency", _config("bilinear_recency", recency="time_gap"))
