@@ -286,9 +286,15 @@ def test_the_cli_passes_the_click_window_and_refuses_a_negative_one(tmp_path, ca
 # The logistic reference: a logistic regression on features read through the true item vectors.
 
 
+def _most_clicks(columns):
+    """The most clicks of one user: a window this long holds every earlier click."""
+    _, counts = np.unique(columns["user"][columns["label"] == 1], return_counts=True)
+    return int(counts.max())
+
+
 def test_the_drift_feature_is_the_generators_drift_term_over_a_window_of_every_click():
     log, columns = _log_and_columns()
-    x = oracle.logistic_features(columns, log, history_length=10_000)
+    x = oracle.logistic_features(columns, log, history_length=_most_clicks(columns))
     config = log.config
     scale = config.drift_weight * generator.DRIFT_ADD * config.dim
     users, ts = columns["user"], columns["ts"]
@@ -338,7 +344,7 @@ def test_the_window_features_of_one_row_by_hand():
 def test_the_logistic_reference_recovers_the_planted_weights_when_nothing_is_latent():
     # No taste at all: the logit is base + drift + popularity, all three read exactly by the features.
     log, columns = _log_and_columns(num_users=3000, shared_weight=0.0, domain_weight=0.0)
-    logits, weights = oracle.logistic_logits(columns, log, 0.2, history_length=10_000)
+    logits, weights = oracle.logistic_logits(columns, log, 0.2, history_length=_most_clicks(columns))
     config = log.config
     assert weights["drift"] == pytest.approx(config.drift_weight * generator.DRIFT_ADD * config.dim, abs=0.3)
     assert weights["popularity"] == pytest.approx(1.0, abs=0.15)
