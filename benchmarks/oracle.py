@@ -152,6 +152,15 @@ def posterior_logits(columns: dict, log: generator.LogGenerator, samples_per_gro
     return _posterior(columns, log, _taste_draws(log, samples_per_group, seed), rows, impressions_of)
 
 
+def _item_vectors(columns: dict, log: generator.LogGenerator) -> tuple:
+    """(domains, items, vectors) of every row: its domain and item indices, (N,) each, and the
+    generator's vector of its item, (N, dim)."""
+    domain_index = {name: d for d, name in enumerate(log.config.domains)}
+    domains = np.array([domain_index[name] for name in columns["domain"]])
+    items = np.array([generator.item_index(item) for item in columns["item"]])
+    return domains, items, log.item_vectors[domains, items]
+
+
 def _posterior(columns: dict, log: generator.LogGenerator, taste: np.ndarray, rows: Optional[np.ndarray],
                user_loglik, clicks_window: Optional[int] = None) -> np.ndarray:
     """The importance-sampling posterior of each wanted row, given a likelihood.
@@ -164,11 +173,7 @@ def _posterior(columns: dict, log: generator.LogGenerator, taste: np.ndarray, ro
     likelihood must then be 0 at every impression not clicked); returns the logits, NaN where
     `rows` is False.
     """
-    config = log.config
-    domain_index = {name: d for d, name in enumerate(config.domains)}
-    domains = np.array([domain_index[name] for name in columns["domain"]])
-    items = np.array([generator.item_index(item) for item in columns["item"]])
-    vectors = log.item_vectors[domains, items]  # (N, dim)
+    domains, items, vectors = _item_vectors(columns, log)
     rest = columns["base"] + columns["drift"] + columns["popularity"]  # (N,): known given the earlier clicks
     labels = columns["label"].astype(bool)
     wanted = np.ones(len(labels), bool) if rows is None else np.asarray(rows, bool)
@@ -287,10 +292,7 @@ def logistic_features(columns: dict, log: generator.LogGenerator,
     if history_length < 1:
         raise ValueError(f"`history_length` must be >= 1. Received: history_length={history_length!r}")
     config = log.config
-    domain_index = {name: d for d, name in enumerate(config.domains)}
-    domains = np.array([domain_index[name] for name in columns["domain"]])
-    items = np.array([generator.item_index(item) for item in columns["item"]])
-    vectors = log.item_vectors[domains, items]  # (N, dim)
+    domains, items, vectors = _item_vectors(columns, log)
     labels, users, ts = columns["label"].astype(bool), columns["user"], columns["ts"]
     rows = len(labels)
     out = np.zeros((rows, len(LOGISTIC_FEATURES) + len(config.domains)))

@@ -339,6 +339,9 @@ def test_the_window_features_of_one_row_by_hand():
     assert not x[first, :7].any()  # no earlier click: every history feature is 0
     with pytest.raises(ValueError, match="history_length"):
         oracle.logistic_features(columns, log, history_length=0)
+    same_time = dict(columns, ts=np.zeros_like(columns["ts"]))  # every row at the cutoff: none to fit on
+    with pytest.raises(ValueError, match="no rows before the eval cutoff"):
+        oracle.logistic_logits(same_time, log, 0.2)
 
 
 def test_the_logistic_reference_recovers_the_planted_weights_when_nothing_is_latent():

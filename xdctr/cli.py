@@ -241,8 +241,11 @@ def _cmd_benchmark_oracle(args) -> int:
     for flag in ("posterior_samples", "click_posterior_samples", "click_history_length"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    oracle.run(args.users, args.seed, args.eval_fraction, args.out, args.posterior_samples, args.posterior_seed,
-               args.click_posterior_samples, args.click_history_length or None, args.logistic)
+    try:
+        oracle.run(args.users, args.seed, args.eval_fraction, args.out, args.posterior_samples, args.posterior_seed,
+                   args.click_posterior_samples, args.click_history_length or None, args.logistic)
+    except ValueError as e:  # e.g. no rows before the eval cutoff to fit the logistic reference on
+        raise UsageError(str(e)) from e
     return 0
 
 
